@@ -1,0 +1,345 @@
+"""One trial at one fidelity: data, loop, evaluation, measurements.
+
+Every number in the returned `Metrics` is measured here: accuracy on real examples, trainable parameters
+counted on the model, peak memory from the CUDA allocator (GPU) or a sampler of the process's resident
+set (CPU). Anything that goes wrong inside the trial (NaN loss, out of memory) raises `TrialFailed` with a
+reason, so the search records it and goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autopeft import kernels
+from autopeft.errors import TrialFailed
+from autopeft.models import load_backbone, resolve_backbone
+from autopeft.peft import inject
+from autopeft.spec import Fidelity, Metrics, PeftSpec
+from autopeft.tasks import Split, TaskData, compute_metrics, holdout_split, load_task, resolve_data_dir
+
+#: learning rates that work for each method with AdamW at these model sizes; a fidelity's `lr` overrides all
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "serial": 1e-3, "parallel": 1e-3, "prefix": 1e-2, "ia3": 3e-3,
+              "bitfit": 1e-3, "head": 1e-3}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where a task's data comes from (GLUE dir, hub, or a user's files)."""
+
+    data_dir: str | None = None
+    train_file: str | None = None
+    dev_file: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    regression: bool = False
+
+    def load(self, task: str) -> TaskData:
+        return load_task(task, resolve_data_dir(self.data_dir), train_file=self.train_file, dev_file=self.dev_file,
+                         text_column=self.text_column, text_pair_column=self.text_pair_column,
+                         label_column=self.label_column, regression=self.regression)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that defines one trial; `autopeft train --config` reads this from YAML."""
+
+    task: str
+    spec: PeftSpec | dict
+    backbone: str = "minilm"
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    data: DataOptions = field(default_factory=DataOptions)
+
+
+@dataclass
+class TrialResult:
+    metrics: Metrics
+    model: nn.Module
+    spec: PeftSpec
+    loss_curve: list[float]
+
+
+# ----- data -------------------------------------------------------------------------------------------------
+_TOKEN_CACHE: dict[tuple, list[list[int]]] = {}
+
+
+def tokenize(tokenizer: Any, split: Split, max_length: int, key: tuple) -> list[list[int]]:
+    """Token ids per example, computed once per (tokenizer, data, max_length) in this process.
+
+    A search trains many configurations on the same data: tokenising once saves a few seconds per trial.
+    """
+    cache_key = (*key, max_length, len(split))
+    if cache_key not in _TOKEN_CACHE:
+        enc = tokenizer(split.text, split.text_pair, truncation=True, max_length=max_length)
+        _TOKEN_CACHE[cache_key] = enc["input_ids"]
+    return _TOKEN_CACHE[cache_key]
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                            bucket_batches: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of `bucket_batches` batches: little padding, still random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * bucket_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(ids: list[list[int]], idx: Sequence[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(ids[i]) for i in idx)
+    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+        mask[row, :len(ids[i])] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+# ----- measurement ------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of the trial in MiB: the CUDA allocator's peak, or on CPU the peak resident set over a
+    baseline taken at start (sampled every 5 ms in a thread, since ru_maxrss never goes down between trials)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+            self._base = proc.memory_info().rss
+            self._peak = self._base
+
+            def sample() -> None:
+                while not self._stop.wait(0.005):
+                    self._peak = max(self._peak, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_mb = peak / 2**20  # whole footprint on the device: weights + activations + optimizer
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            import psutil
+
+            self._peak = max(self._peak, psutil.Process().memory_info().rss)
+            self.peak_mb = (self._peak - self._base) / 2**20
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _param_groups(model: nn.Module, fidelity: Fidelity) -> list[dict[str, Any]]:
+    """One AdamW group per method so a mixed spec trains each part at its own learning rate."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_" in name or "autopeft_dora" in name:  # also HF PEFT's lora_A / lora_B (benchmarks)
+            kind = "dora" if "autopeft_dora" in name else "lora"
+        elif "autopeft_serial" in name:
+            kind = "serial"
+        elif "autopeft_parallel" in name:
+            kind = "parallel"
+        elif "autopeft_prefix" in name:
+            kind = "prefix"
+        elif "autopeft_ia3" in name:
+            kind = "ia3"
+        elif name.endswith("bias") and "classifier" not in name and "score" not in name:
+            kind = "bitfit"
+        else:
+            kind = "head"
+        groups.setdefault(kind, []).append(p)
+    return [{"params": ps, "lr": fidelity.lr or DEFAULT_LR[k], "name": k} for k, ps in groups.items()]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
+                disable=not enabled or not sys.stderr.isatty())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ids: list[list[int]], labels: Sequence, task: TaskData, batch_size: int,
+             pad_id: int, device: torch.device) -> dict[str, float]:
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # sorted: least padding, same result
+    preds: list[Any] = [None] * len(ids)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        with autocast:
+            logits = model(**collate(ids, idx, pad_id, device)).logits.float()
+        out = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+        for i, p in zip(idx, out.cpu().tolist()):
+            preds[i] = p
+    return compute_metrics(task, preds, list(labels))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_trial(cfg: TrialConfig, *, task: TaskData | None = None, select: str = "dev",
+              heldout_fraction: float = 0.1, device: str | None = None, kernel_mode: str = "auto",
+              progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrialResult:
+    """Train `cfg.spec` on `cfg.task` at `cfg.fidelity` and measure it.
+
+    `select="heldout"` is the search's honest mode: the score (`metrics.metric`) comes from a seeded
+    held-out part of the training data, and the dev set is measured beside it (`metrics.dev_metric`) but
+    never used to choose. `select="dev"` scores on the dev set (retraining a chosen config).
+    """
+    task = task or cfg.data.load(cfg.task)
+    kernels.set_kernels(kernel_mode)
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    _seed_everything(cfg.fidelity.seed)
+    model, tokenizer = load_backbone(cfg.backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+    num_layers = model.config.num_hidden_layers
+    spec = cfg.spec if isinstance(cfg.spec, PeftSpec) else PeftSpec.from_dict(cfg.spec, num_layers=num_layers)
+    _seed_everything(cfg.fidelity.seed)  # adapter init depends only on the seed, not on how the backbone loaded
+    info = inject(model, spec)
+    metrics, losses = train_and_evaluate(
+        model, tokenizer, task, cfg.fidelity, backbone_params=info.backbone_params,
+        cache_tag=(resolve_backbone(cfg.backbone), task.name, task.source), label=spec.summary(), select=select,
+        heldout_fraction=heldout_fraction, device=dev, progress=progress, on_step=on_step)
+    return TrialResult(metrics, model, spec, losses)
+
+
+def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fidelity, *, backbone_params: int,
+                       cache_tag: tuple, label: str = "", select: str = "dev", heldout_fraction: float = 0.1,
+                       device: torch.device | None = None, progress: bool = True,
+                       on_step: Callable[[int, float], None] | None = None) -> tuple[Metrics, list[float]]:
+    """The training loop and measurements for any model whose trainable parameters are already set.
+
+    Kept apart from `run_trial` so a benchmark can run an HF PEFT model through exactly the same loop.
+    """
+    if select not in ("dev", "heldout"):
+        raise ValueError(f"select must be 'dev' or 'heldout', not {select!r}")
+    dev = device or pick_device()
+    for p in model.parameters():  # trainable tensors in fp32 (AdamW state too); frozen ones stay as loaded
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.to(dev)
+
+    train_split, select_split = task.train, task.dev
+    if select == "heldout":
+        train_split, select_split = holdout_split(task.train, heldout_fraction, fid.seed)
+    if fid.train_examples is not None and fid.train_examples < len(train_split):
+        idx = random.Random(fid.seed).sample(range(len(train_split)), fid.train_examples)
+        train_split = train_split.subset(sorted(idx))
+    train_ids = tokenize(tokenizer, train_split, fid.max_length,
+                         (*cache_tag, "train", select, fid.seed, heldout_fraction, fid.train_examples))
+    pad_id = tokenizer.pad_token_id
+    rng = random.Random(fid.seed)
+    steps_per_epoch = math.ceil(len(train_ids) / fid.batch_size)
+    total_steps = fid.max_steps or max(1, math.ceil(steps_per_epoch * fid.epochs))
+    warmup = int(total_steps * fid.warmup_ratio)
+    optimizer = torch.optim.AdamW(_param_groups(model, fid), weight_decay=fid.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
+                                                 else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    labels = torch.tensor(train_split.label, dtype=torch.float32 if task.is_regression else torch.long)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    step = 0
+    bar = _progress(total_steps, f"train {label[:40]}", progress)
+    try:
+        with PeakMemory(dev) as mem:
+            t0 = time.perf_counter()
+            while step < total_steps:
+                for idx in length_bucketed_batches([len(x) for x in train_ids], fid.batch_size, rng):
+                    if step >= total_steps:
+                        break
+                    batch = collate(train_ids, idx, pad_id, dev)
+                    with autocast:
+                        loss = model(**batch, labels=labels[idx].to(dev)).loss
+                    if not torch.isfinite(loss):
+                        raise TrialFailed("nan", f"loss became {loss.item()} at step {step}")
+                    loss.backward()
+                    if fid.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(trainable, fid.grad_clip)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    tokens += int(batch["attention_mask"].sum())
+                    losses.append(float(loss))
+                    step += 1
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+                    if on_step:
+                        on_step(step, losses[-1])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            train_s = time.perf_counter() - t0
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TrialFailed("oom", str(exc).splitlines()[0]) from None
+    finally:
+        bar.close()
+
+    t1 = time.perf_counter()
+    sel_ids = tokenize(tokenizer, select_split, fid.max_length, (*cache_tag, select, fid.seed, heldout_fraction))
+    scores = evaluate(model, sel_ids, select_split.label, task, fid.eval_batch_size, pad_id, dev)
+    dev_metric = None
+    if select == "heldout":
+        dev_ids = tokenize(tokenizer, task.dev, fid.max_length, (*cache_tag, "dev"))
+        dev_metric = evaluate(model, dev_ids, task.dev.label, task, fid.eval_batch_size, pad_id, dev)[task.metric_name]
+    eval_s = time.perf_counter() - t1
+    main = scores[task.metric_name]
+    if not math.isfinite(main):
+        raise TrialFailed("nan", f"{task.metric_name} is {main}")
+    metrics = Metrics(
+        metric_name=task.metric_name, metric=main, trainable_params=sum(p.numel() for p in trainable),
+        backbone_params=backbone_params, peak_memory_mb=mem.peak_mb, train_seconds=train_s,
+        eval_seconds=eval_s, tokens_per_s=tokens / train_s if train_s > 0 else 0.0,
+        train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), steps=step,
+        extra={k: v for k, v in scores.items() if k != task.metric_name}, dev_metric=dev_metric)
+    return metrics, losses
