@@ -1,0 +1,424 @@
+"""The study: an Optuna study on an RDB storage, a multi-objective sampler, and one trial per proposal.
+
+Optuna's storage is the engine (SQLite on one machine, PostgreSQL for many): trials, heartbeats, retries
+of trials whose worker died, and the budget are all kept there, never in this process. Every trial is
+scored on a held-out part of the training data (honest selection) and its dev metric is logged beside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autopeft.errors import TrialFailed, UserError
+from autopeft.models import load_backbone, resolve_backbone
+from autopeft.peft import ModelDims, head_param_count, peft_param_count
+from autopeft.spec import Fidelity, Metrics
+from autopeft.train import DataOptions, TrialConfig, run_trial
+from autopeft.yamlio import load_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES_DIR = REPO / "studies"
+OBJECTIVES = {"metric": "maximize", "params": "minimize", "memory": "minimize"}
+FAIL_REASON = "autopeft.fail_reason"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Everything `autopeft search` needs; defaults come from the task's preset in `studies/`."""
+
+    task: str
+    study: str | None = None
+    out: str = "autopeft-runs"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    space: str = "mixed"
+    backbone: str = "minilm"
+    data: DataOptions = field(default_factory=DataOptions)
+    n_trials: int = 12
+    timeout: float | None = None
+    sampler: str = "botorch"
+    n_startup_trials: int = 6
+    seed: int = 0
+    max_params: str | None = None
+    max_memory: float | None = None
+    objectives: tuple[str, ...] = ("metric", "params", "memory")
+    heldout_examples: int = 1000
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    resume: bool = False
+    device: str | None = None
+    progress: bool = True
+
+    @property
+    def study_name(self) -> str:
+        return self.study or self.task.replace("/", "-")
+
+
+# ----- presets ---------------------------------------------------------------------------------------------
+def preset_path(task: str) -> Path:
+    return STUDIES_DIR / f"{task.replace('/', '-')}.yaml"
+
+
+def load_preset(task: str, *, gpu: bool) -> dict[str, Any]:
+    """The task's preset (or `studies/default.yaml`), with the GPU fidelity chosen when a GPU is there."""
+    path = preset_path(task)
+    if not path.is_file():
+        path = STUDIES_DIR / "default.yaml"
+    preset = dict(load_yaml(path, "study preset") or {})
+    gpu_fid = preset.pop("gpu_fidelity", None)
+    if gpu and gpu_fid:
+        preset["fidelity"] = gpu_fid
+    preset.pop("task", None)
+    return preset
+
+
+def options_from_preset(task: str, overrides: Mapping[str, Any], *, gpu: bool) -> SearchOptions:
+    """Preset fields, then every flag the user actually gave (a flag always wins over the preset)."""
+    preset = load_preset(task, gpu=gpu)
+    known = {f.name for f in dataclasses.fields(SearchOptions)}
+    unknown = sorted(set(preset) - known)
+    if unknown:
+        raise UserError(f"study preset for {task}: unknown key(s) {', '.join(unknown)}")
+    merged = {**preset, **{k: v for k, v in overrides.items() if v is not None}}
+    fid = merged.get("fidelity")
+    if not isinstance(fid, Fidelity):
+        merged["fidelity"] = Fidelity.from_dict(fid)
+    if "objectives" in merged:
+        objectives = tuple(merged["objectives"])
+        bad = [o for o in objectives if o not in OBJECTIVES]
+        if bad or "metric" not in objectives:
+            raise UserError(f"unknown objective(s) {bad or objectives}; use 'metric' plus any of params, memory")
+        merged["objectives"] = objectives
+    return SearchOptions(task=task, **{k: v for k, v in merged.items() if k != "task"})
+
+
+# ----- storage ----------------------------------------------------------------------------------------------
+def storage_url(opts: SearchOptions) -> str:
+    if opts.storage:
+        return opts.storage
+    return f"sqlite:///{(Path(opts.out) / 'optuna.db').resolve()}"
+
+
+def mask_url(url: str) -> str:
+    """Hide a password in a storage/tracking URL before it is printed or stored anywhere."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: nothing to mask
+        return url
+
+
+def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so a trial whose process died is failed and retried (twice at most)."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = {"heartbeat_interval": 10, "grace_period": 30,
+                  "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure to open is a bad URL or an unreachable server
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open storage {mask_url(url)}: {detail}; check the URL, server and password") from None
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("postgresql"):
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {}
+
+
+# ----- the parts of a study -----------------------------------------------------------------------------------
+def parse_max_params(value: str | int | float | None, backbone_params: int) -> int | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 < pct <= 100:
+                raise ValueError
+            return int(backbone_params * pct / 100)
+        n = float(text)
+        if n <= 0:
+            raise ValueError
+        return int(n)
+    except ValueError:
+        raise UserError(f"--max-params {value!r}: give a positive count (e.g. 50000) or a percentage (e.g. 0.5%)") from None
+
+
+def space_fingerprint(distributions: Mapping[str, Any]) -> str:
+    text = json.dumps({k: optuna.distributions.distribution_to_json(v) for k, v in distributions.items()},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def suggest_all(trial: optuna.Trial, distributions: Mapping[str, Any]) -> dict[str, Any]:
+    """Ask for every parameter of the fixed space (none is conditional: BoTorch needs a fixed space)."""
+    out = {}
+    for name, d in distributions.items():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            out[name] = trial.suggest_categorical(name, d.choices)
+        elif isinstance(d, optuna.distributions.IntDistribution):
+            out[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        else:
+            out[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+    return out
+
+
+def objective_values(m: Metrics, objectives: tuple[str, ...]) -> list[float]:
+    table = {"metric": m.metric, "params": math.log10(max(1, m.trainable_params)), "memory": m.peak_memory_mb}
+    return [table[o] for o in objectives]
+
+
+@dataclass
+class Study:
+    """A prepared study: validated inputs, the Optuna study, and how to turn its params into a trial."""
+
+    opts: SearchOptions
+    study: optuna.Study
+    space: Any
+    distributions: dict[str, Any]
+    num_layers: int
+    dims: ModelDims
+    head_params: int
+    backbone_params: int
+    max_params: int | None
+    task_data: Any
+
+    def trial_config(self, spec: Any) -> TrialConfig:
+        return TrialConfig(task=self.opts.task, spec=spec, backbone=self.opts.backbone,
+                           fidelity=self.opts.fidelity, data=self.opts.data)
+
+    def params_of(self, spec: Any) -> int:
+        return peft_param_count(spec, self.dims) + self.head_params
+
+
+def prepare(opts: SearchOptions) -> Study:
+    """Validate everything, then create (or load, with --resume) the study. Nothing is written before the
+    inputs are known good, so a bad command leaves no half-created study behind."""
+    from autopeft.sampler import make_sampler
+    from autopeft.space import SearchSpace
+
+    if opts.n_trials <= 0:
+        raise UserError(f"--n-trials must be > 0, got {opts.n_trials}")
+    space = SearchSpace.load(opts.space)
+    task_data = opts.data.load(opts.task)
+    resolve_backbone(opts.backbone)
+    model, _ = load_backbone(opts.backbone, task_data.num_labels, regression=task_data.is_regression)
+    dims = ModelDims.from_config(model.config)
+    head = head_param_count(model.config.model_type, dims.hidden, task_data.num_labels)
+    backbone_params = sum(p.numel() for p in model.parameters()) - head
+    del model
+    num_layers = dims.num_layers
+    distributions = space.distributions(num_layers)
+    if not distributions:
+        raise UserError(f"search space {opts.space!r} has no parameters to search")
+    max_params = parse_max_params(opts.max_params, backbone_params)
+    startup = feasible_startup_points(space, distributions, num_layers, opts, dims, head, max_params)
+
+    url = storage_url(opts)
+    storage = open_storage(url)
+    directions = [OBJECTIVES[o] for o in opts.objectives]
+    fingerprint = space_fingerprint(distributions)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    constrained = max_params is not None or opts.max_memory is not None
+    sampler = make_sampler(opts.sampler, seed=opts.seed, n_startup_trials=opts.n_startup_trials,
+                           constraints=constrained, n_objectives=len(directions))
+    if opts.study_name in existing:
+        if not opts.resume:
+            raise UserError(f"study {opts.study_name!r} already exists in {mask_url(url)}; pass --resume to "
+                            "continue it, or --study NAME for a new one")
+        study = optuna.load_study(study_name=opts.study_name, storage=storage, sampler=sampler)
+        attrs = study.user_attrs
+        if attrs.get("space_fingerprint") != fingerprint:
+            raise UserError(f"study {opts.study_name!r} was created with another search space "
+                            f"({attrs.get('space')!r}); resume it with the same --space, or use a new --study")
+        if [d.name.lower() for d in study.directions] != directions:
+            raise UserError(f"study {opts.study_name!r} has other objectives; resume with the same ones")
+    else:
+        study = optuna.create_study(study_name=opts.study_name, storage=storage, sampler=sampler,
+                                    directions=directions)
+        study.set_user_attr("task", opts.task)
+        study.set_user_attr("backbone", opts.backbone)
+        study.set_user_attr("space", opts.space)
+        study.set_user_attr("space_fingerprint", fingerprint)
+        study.set_user_attr("objectives", list(opts.objectives))
+        study.set_user_attr("fidelity", opts.fidelity.to_dict())
+        study.set_user_attr("selection", {"split": "heldout-from-train", "examples": heldout_size(opts, task_data),
+                                          "seed": opts.fidelity.seed})
+        study.set_user_attr("data", dataclasses.asdict(opts.data))
+        study.set_user_attr("max_params", max_params)
+        study.set_user_attr("max_memory", opts.max_memory)
+        study.set_user_attr("num_layers", num_layers)
+        study.set_user_attr("backbone_params", backbone_params)
+        for params in startup:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return Study(opts, study, space, distributions, num_layers, dims, head, backbone_params, max_params, task_data)
+
+
+def heldout_size(opts: SearchOptions, task_data: Any) -> int:
+    return min(opts.heldout_examples, max(1, len(task_data.train) // 5))
+
+
+def feasible_startup_points(space: Any, distributions: Mapping[str, Any], num_layers: int, opts: SearchOptions,
+                            dims: ModelDims, head: int, max_params: int | None) -> list[dict[str, Any]]:
+    """Seeded random start points that respect --max-params (known in closed form before training).
+
+    Enqueuing them spends the random phase on configurations the user can accept; if none can be found the
+    constraint is unsatisfiable and the user hears so before anything runs.
+    """
+    rng = random.Random(opts.seed)
+    points: list[dict[str, Any]] = []
+    tries = 0
+    while len(points) < opts.n_startup_trials and tries < 200 * max(1, opts.n_startup_trials):
+        tries += 1
+        params = space.random_params(rng, num_layers)
+        spec = space.decode(params, num_layers)
+        if max_params is None or peft_param_count(spec, dims) + head <= max_params:
+            points.append(params)
+    if max_params is not None and not points:
+        smallest = head
+        raise UserError(f"--max-params {opts.max_params} ({max_params:,} params) cannot be met: the task head alone "
+                        f"has {smallest:,} trainable parameters and no sampled configuration fit; raise the limit")
+    return points
+
+
+def objective(prepared: Study, on_done: Callable[[FrozenTrial | None, Metrics | None, str | None], None] | None = None
+              ) -> Callable[[optuna.Trial], list[float]]:
+    opts = prepared.opts
+
+    def run(trial: optuna.Trial) -> list[float]:
+        params = suggest_all(trial, prepared.distributions)
+        spec = prepared.space.decode(params, prepared.num_layers)
+        trial.set_user_attr("spec", spec.to_dict())
+        trial.set_user_attr("spec_summary", spec.summary())
+        try:
+            result = run_trial(prepared.trial_config(spec), task=prepared.task_data, select="heldout",
+                               heldout_fraction=heldout_size(opts, prepared.task_data) / len(prepared.task_data.train),
+                               device=opts.device, progress=opts.progress)
+        except TrialFailed as exc:
+            trial.set_user_attr(FAIL_REASON, exc.reason)
+            trial.set_user_attr("autopeft.fail_detail", exc.detail[:500])
+            raise
+        m = result.metrics
+        trial.set_user_attr("weights_path", str(save_trial_weights(opts, trial.number, result.model)))
+        for key, value in m.to_dict().items():
+            if key != "extra" and value is not None:
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("extra", dict(m.extra))
+        curve = result.loss_curve
+        stride = max(1, len(curve) // 500)  # the curve is for plots: at most ~500 points in the storage
+        trial.set_user_attr("loss_curve", [round(x, 5) for x in curve[::stride]])
+        trial.set_user_attr("loss_curve_stride", stride)
+        constraints = []
+        if prepared.max_params is not None:
+            constraints.append(float(m.trainable_params - prepared.max_params))
+        if opts.max_memory is not None:
+            constraints.append(float(m.peak_memory_mb - opts.max_memory))
+        trial.set_user_attr("constraints", constraints)
+        return objective_values(m, opts.objectives)
+
+    return run
+
+
+def trial_dir(opts: SearchOptions, number: int) -> Path:
+    return (Path(opts.out) / "artifacts" / opts.study_name / f"trial-{number}").resolve()
+
+
+def save_trial_weights(opts: SearchOptions, number: int, model: Any) -> Path:
+    """Keep each trial's trained tensors (trainable only, safetensors) so export never has to retrain."""
+    from safetensors.torch import save_file
+
+    from autopeft.peft import trainable_state_dict
+
+    path = trial_dir(opts, number) / "autopeft_weights.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(trainable_state_dict(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+def completed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> optuna.Study:
+    """Run (or continue) a study until it has `n_trials` COMPLETE trials or `timeout` seconds pass."""
+    prepared = prepare(opts)
+    study = prepared.study
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    remaining = opts.n_trials - completed(study)
+    echo(f"study {opts.study_name!r} on {mask_url(storage_url(opts))}: {opts.task}, backbone {opts.backbone}, "
+         f"space {opts.space} ({len(prepared.distributions)} parameters), sampler {opts.sampler}, "
+         f"{completed(study)}/{opts.n_trials} trials done")
+    if remaining <= 0:
+        return study
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=opts.n_trials, initial=completed(study), desc="trials", unit="trial", dynamic_ncols=True,
+               disable=not opts.progress or not sys.stderr.isatty())
+
+    def after(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            bar.update(1)
+            a = trial.user_attrs
+            line = (f"trial {trial.number:3d}  {a.get('metric_name', 'metric')} {a.get('metric', float('nan')):.4f}"
+                    f" (dev {a.get('dev_metric', float('nan')):.4f})  params {a.get('trainable_params', 0):>9,}"
+                    f" ({a.get('trainable_pct', 0):.3f}%)  mem {a.get('peak_memory_mb', 0):8.1f} MiB"
+                    f"  {a.get('train_seconds', 0):6.1f}s  {a.get('spec_summary', '')}")
+        else:
+            line = f"trial {trial.number:3d}  {trial.state.name} ({trial.user_attrs.get(FAIL_REASON, 'error')})"
+        bar.write(line) if bar.disable is False else echo(line)
+        if completed(study) >= opts.n_trials:
+            study.stop()
+
+    started = time.time()
+    try:
+        study.optimize(objective(prepared), n_trials=2 * remaining + 2, timeout=opts.timeout,
+                       callbacks=[after], catch=(TrialFailed,), gc_after_trial=True, show_progress_bar=False)
+    finally:
+        bar.close()
+    echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s")
+    return study
+
+
+def search_command(task: str, overrides: Mapping[str, Any]) -> optuna.Study:
+    """`autopeft search`: preset + flags -> run the study -> print the front."""
+    import torch
+
+    from autopeft.front import format_front, front_rows
+
+    data_keys = {f.name for f in dataclasses.fields(DataOptions)}
+    fid_keys = {f.name for f in dataclasses.fields(Fidelity)}
+    data = {k: overrides[k] for k in data_keys if overrides.get(k) not in (None, False)}
+    fid = {k: overrides[k] for k in fid_keys if overrides.get(k) is not None}
+    rest = {k: v for k, v in overrides.items() if k not in data_keys | fid_keys}
+    gpu = (rest.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    opts = options_from_preset(task, {**rest, "data": DataOptions(**data) if data else None}, gpu=gpu)
+    if fid:
+        opts = dataclasses.replace(opts, fidelity=dataclasses.replace(opts.fidelity, **fid))
+    study = run_search(opts)
+    print(f"\nPareto front of {opts.study_name!r} ({', '.join(opts.objectives)}):")
+    print(format_front(front_rows(study)))
+    return study

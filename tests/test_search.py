@@ -1,0 +1,146 @@
+"""`autopeft search` on a tiny real backbone: a study that finishes, resumes, survives a kill, rejects bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autopeft.cli import main
+from autopeft.errors import UserError
+from autopeft.search import SearchOptions, parse_max_params, run_search
+from autopeft.spec import Fidelity
+from autopeft.train import DataOptions
+from tests.test_train import write_sentiment_csv
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
+    d = tmp_path_factory.mktemp("search-toy")
+    return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 240, 0)),
+                       dev_file=str(write_sentiment_csv(d / "dev.csv", 60, 1)),
+                       text_column="review", label_column="label")
+
+
+def options(tmp_path: Path, backbone: Path, data: DataOptions, **kw: object) -> SearchOptions:
+    base = {"task": "file", "out": str(tmp_path / "runs"), "backbone": str(backbone), "data": data, "space": "mixed",
+            "n_trials": 4, "n_startup_trials": 2, "sampler": "random", "seed": 0, "heldout_examples": 40,
+            "fidelity": Fidelity(train_examples=None, max_steps=3, batch_size=8, max_length=32), "progress": False}
+    return SearchOptions(**{**base, **kw})
+
+
+def test_study_completes_scores_honestly_and_keeps_weights(tmp_path: Path, tiny_backbone_dir: Path,
+                                                           toy: DataOptions) -> None:
+    opts = options(tmp_path, tiny_backbone_dir, toy)
+    study = run_search(opts, echo=lambda _: None)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    assert (tmp_path / "runs" / "optuna.db").is_file()
+    assert study.user_attrs["selection"]["split"] == "heldout-from-train"
+    for t in done:
+        assert t.user_attrs["dev_metric"] is not None  # dev measured beside the held-out score
+        assert t.values[0] == t.user_attrs["metric"]
+        assert Path(t.user_attrs["weights_path"]).is_file()
+        assert t.user_attrs["spec"]["num_layers"] == 2
+
+
+def test_resume_continues_without_rerunning(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions) -> None:
+    opts = options(tmp_path, tiny_backbone_dir, toy, n_trials=2)
+    first = run_search(opts, echo=lambda _: None)
+    numbers = [t.number for t in first.trials]
+    with pytest.raises(UserError, match="--resume"):
+        run_search(opts, echo=lambda _: None)
+    again = run_search(options(tmp_path, tiny_backbone_dir, toy, n_trials=3, resume=True), echo=lambda _: None)
+    complete = [t for t in again.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3 and [t.number for t in complete][:2] == numbers[:2]
+    with pytest.raises(UserError, match="another search space"):
+        run_search(options(tmp_path, tiny_backbone_dir, toy, n_trials=4, resume=True, space="lora"),
+                   echo=lambda _: None)
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions) -> None:
+    """A study killed mid-trial resumes; the half-run trial ends FAILED and is retried; nothing done is lost."""
+    out = tmp_path / "runs"
+    args = ["search", "--task", "file", "--out", str(out), "--backbone", str(tiny_backbone_dir), "--space", "mixed",
+            "--sampler", "random", "--n-trials", "3", "--train", toy.train_file, "--dev", toy.dev_file,
+            "--text-column", "review", "--label-column", "label", "--heldout-examples", "40", "--batch-size", "8",
+            "--max-length", "32"]
+    # the first run trains long enough (many epochs) to be caught mid-trial
+    proc = subprocess.Popen([sys.executable, "-m", "autopeft", *args, "--epochs", "40"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    db = out / "optuna.db"
+    deadline = time.time() + 240
+    url = f"sqlite:///{db}"
+    while time.time() < deadline:  # wait until one trial is complete and the next one is running
+        if db.is_file():
+            try:
+                trials = optuna.load_study(study_name="file", storage=url).trials
+            except Exception:  # noqa: BLE001 - the study may not exist yet
+                trials = []
+            states = [t.state for t in trials]
+            if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"study never reached a running second trial: {proc.communicate()[0][-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = optuna.load_study(study_name="file", storage=url)
+    done_before = {t.number: t.values for t in before.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    running = [t.number for t in before.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert running, "the killed trial should still look RUNNING until its heartbeat goes stale"
+    time.sleep(31)  # grace period of the heartbeat
+    assert main([*args, "--resume", "--epochs", "40", "--max-steps", "3"]) == 0
+    after = optuna.load_study(study_name="file", storage=url)
+    states = {t.number: t.state for t in after.trials}
+    assert all(states[n] == optuna.trial.TrialState.FAIL for n in running)
+    for n, values in done_before.items():
+        assert after.trials[n].values == values  # completed trials untouched, not re-run
+    complete = [t for t in after.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    retried = [t for t in after.trials if t.system_attrs.get("failed_trial") in running]
+    assert retried and retried[0].params == after.trials[running[0]].params
+
+
+def test_front_command_json(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions, capsys) -> None:
+    run_search(options(tmp_path, tiny_backbone_dir, toy, n_trials=3), echo=lambda _: None)
+    assert main(["front", "--study", "file", "--out", str(tmp_path / "runs"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {"trial", "metric", "dev_metric", "params", "params_pct", "memory_mb", "spec"} <= set(rows[0])
+    assert main(["front", "--study", "nope", "--out", str(tmp_path / "runs")]) == 2
+    assert "no study named 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--space", "nonexistent-space"], "space"),
+    (["--storage", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open storage"),
+    (["--max-params", "10"], "cannot be met"),
+    (["--max-params", "lots"], "--max-params"),
+    (["--n-trials", "0"], "--n-trials"),
+])
+def test_bad_search_input_exit_2_nothing_created(flags: list[str], needle: str, tmp_path: Path,
+                                                 tiny_backbone_dir: Path, toy: DataOptions, capsys) -> None:
+    out = tmp_path / "runs"
+    code = main(["search", "--task", "file", "--out", str(out), "--backbone", str(tiny_backbone_dir),
+                 "--train", toy.train_file, "--dev", toy.dev_file, "--text-column", "review",
+                 "--label-column", "label", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert "secret" not in err
+    assert not (out / "optuna.db").exists()
+
+
+def test_max_params_forms() -> None:
+    assert parse_max_params("0.5%", 1_000_000) == 5000
+    assert parse_max_params("1234", 10) == 1234
+    with pytest.raises(UserError):
+        parse_max_params("-3", 10)
