@@ -157,13 +157,17 @@ def load_backbone(name: str | os.PathLike | None, num_labels: int, *, regression
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "some weights were newly initialised" is expected: the head is new
+    hf_logging.disable_progress_bar()  # a per-trial "Loading weights" bar would drown the search's own output
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             ref, config=config, dtype=dtype or torch.float32, attn_implementation="sdpa"
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 

@@ -310,7 +310,7 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                     tokens += int(batch["attention_mask"].sum())
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     step += 1
                     bar.update(1)
                     if step % 10 == 0:

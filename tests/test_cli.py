@@ -20,7 +20,7 @@ def toy_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_sentiment_csv(d / "train.csv", 200, 0), write_sentiment_csv(d / "dev.csv", 60, 1)
 
 
-def write_config(path: Path, backbone: Path, files: tuple[Path, Path], **changes: object) -> Path:
+def write_config(path: Path, backbone: Path, files: tuple[Path, Path], /, **changes: object) -> Path:
     cfg = {"task": "file", "backbone": str(backbone), "spec": {"lora": {"rank": {"q": 4, "v": 4}}},
            "fidelity": {"max_steps": 3, "batch_size": 8, "max_length": 32},
            "data": {"train_file": str(files[0]), "dev_file": str(files[1]), "text_column": "review",

@@ -1,0 +1,73 @@
+"""Fused adapter ops (`autopeft.kernels`): Triton kernels on CUDA, their PyTorch references elsewhere.
+
+Every public op has one signature for both paths. `set_kernels("auto")` (the trainer's default) uses Triton
+for CUDA tensors when Triton is importable; "off" always uses the reference (for comparison and debugging);
+"on" insists on Triton (on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from autopeft.kernels import reference
+
+MODES = ("auto", "on", "off")
+_mode = "auto"
+
+
+def set_kernels(mode: str) -> None:
+    """Choose the path for every later op call in this process."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, not {mode!r}")
+    if mode == "on" and not triton_available():
+        raise RuntimeError("--kernels on needs the triton package (pip install triton)")
+    _mode = mode
+
+
+def kernels_mode() -> str:
+    return _mode
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if _mode == "off":
+        return False
+    if _mode == "on":
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda and triton_available()
+
+
+def _dispatch(name: str) -> Callable[..., Any]:
+    ref = getattr(reference, name)
+
+    def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if _use_triton(x):
+            from autopeft.kernels import fused  # imported on first use: triton is not needed on CPU
+
+            fn = getattr(fused, name, None)
+            if fn is not None:
+                return fn(x, *args, **kwargs)
+        return ref(x, *args, **kwargs)
+
+    op.__name__ = name
+    op.__doc__ = ref.__doc__
+    return op
+
+
+lora_linear = _dispatch("lora_linear")
+lora_linear_multi = _dispatch("lora_linear_multi")
+dora_linear = _dispatch("dora_linear")
+bottleneck_adapter = _dispatch("bottleneck_adapter")
+ia3_linear = _dispatch("ia3_linear")
+
+__all__ = ["MODES", "bottleneck_adapter", "dora_linear", "ia3_linear", "kernels_mode", "lora_linear",
+           "lora_linear_multi", "reference", "set_kernels", "triton_available"]
