@@ -36,7 +36,7 @@ def read_table(path: Path) -> Any:
         return pd.read_parquet(path)
     except UserError:
         raise
-    except Exception as e: # a parse error of any kind is the user's file
+    except Exception as e:  # a parse error of any kind is the user's file
         raise UserError(f"data file {path} could not be read as {fmt}: {str(e).splitlines()[0][:200]}") from None
 
 

@@ -122,7 +122,7 @@ def load_glue_hub(name: str) -> TaskData:
         import datasets
 
         ds = datasets.load_dataset("nyu-mll/glue", name)
-    except Exception as e: # offline, no cache, hub down: all the same advice
+    except Exception as e:  # offline, no cache, hub down: all the same advice
         raise UserError(f"could not load glue/{name} from the Hugging Face hub ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]}); pass --data-dir DIR or set AUTOPEFT_DATA_DIR to a "
                         f"directory holding glue/{name}/train.tsv") from None
