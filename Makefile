@@ -8,7 +8,7 @@ export AUTOPEFT_DATA_DIR ?= $(if $(wildcard $(DATA)/glue),$(DATA),)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: search test lint install clean
+.PHONY: search test lint install clean chromium postgres
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,22 @@ install: $(STAMP)
 search: $(STAMP)
 	$(BIN)/autopeft search --task glue/sst2
 
-test: $(STAMP)
+# the browser test (tests/test_ui_browser.py) needs Debian's chromium; it is skipped, with the reason, without it
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium not installed: the browser test will be skipped"
+
+# the worker/load tests start a real PostgreSQL (initdb + pg_ctl); installed via apt when missing and we are root
+# (CI), else those tests are skipped with the reason
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+			|| echo "postgresql not installed: the PostgreSQL tests will be skipped"; \
+	else echo "no PostgreSQL (and no apt as root): the PostgreSQL tests will be skipped"; fi
+
+test: $(STAMP) chromium postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 

@@ -21,8 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one configuration (YAML) and print its metrics")
     t.add_argument("--config", required=True, help="YAML with task, backbone, spec, fidelity (see README)")
     t.add_argument("--fidelity", choices=("search", "full"), default="search",
-                   help="'full' trains on the whole train set (or the config's full_fidelity)")
-    t.add_argument("--output", help="directory for autopeft.yaml, metrics.json and the trained weights")
+                   help="'search' (default): the config's fidelity, as the search trained it; 'full': the config's "
+                        "full_fidelity, else the whole train set for max(3, epochs) epochs without a step cap")
+    t.add_argument("--output", help="directory for the export layout: autopeft.yaml, weights, metrics.json, "
+                                    "README.md, and an HF PEFT adapter where HF can express the spec")
     t.add_argument("--force", action="store_true", help="overwrite a non-empty --output directory")
     t.add_argument("--data-dir", help="local data root holding glue/<task>/{train,dev}.tsv "
                                       "(default: $AUTOPEFT_DATA_DIR, else the Hugging Face hub)")
@@ -36,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True, help="glue/sst2, glue/cola, ... or 'file' with --train/--dev")
     s.add_argument("--study", help="study name (default: the task with / replaced by -)")
     s.add_argument("--out", default="autopeft-runs", help="embedded-default home: optuna.db, mlflow.db, artifacts/")
-    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/optuna.db); PostgreSQL for many workers")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/optuna.db); PostgreSQL for many "
+                                     "workers")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db); an http:// server "
+                                         "to share")
+    s.add_argument("--experiment", help="MLflow experiment name (default: autopeft/TASK)")
+    s.add_argument("--no-tracking", dest="tracking", action="store_false", default=None,
+                   help="do not log to MLflow (the study itself is unaffected)")
     s.add_argument("--space", help="search space: autopeft, lora, mixed, or a YAML file")
     s.add_argument("--backbone", help="'minilm' (packaged), a local model dir, or a hub id")
     s.add_argument("--n-trials", type=int, help="complete trials the study should have")
@@ -46,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-params", help="constraint on trainable params: a count (50000) or a percentage (0.5%%)")
     s.add_argument("--max-memory", type=float, help="constraint on peak memory in MiB")
     s.add_argument("--resume", action="store_true", help="continue an existing study of this name")
+    s.add_argument("--workers", type=int, help="run N `autopeft worker` processes here: one per GPU (round robin "
+                                               "over CUDA_VISIBLE_DEVICES) on CUDA, else N CPU workers")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--heldout-examples", type=int, help="size of the selection split carved from train")
     fid = s.add_argument_group("fidelity (overrides the preset's, per trial)")
@@ -62,6 +72,40 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="the --out directory of the search (default: autopeft-runs)")
     f.add_argument("--storage", help="Optuna storage URL (instead of --out)")
     f.add_argument("--json", action="store_true", help="a JSON list of front trials")
+
+    e = sub.add_parser("export", help="write a trial's trained adapter as an HF PEFT dir + autopeft.yaml + model card",
+                       description="Export one COMPLETE trial from its saved weights (no retraining): autopeft.yaml "
+                                   "and weights (autopeft.load), an HF PEFT adapter dir where HF PEFT can express "
+                                   "the spec, README.md and metrics.json. Prints which formats were written and why "
+                                   "others were not.", epilog=EPILOG)
+    e.add_argument("dest", nargs="?", metavar="DEST", help="the directory to write (must not exist or be empty)")
+    e.add_argument("--study", required=True)
+    e.add_argument("--out", help="the --out directory of the search (default: autopeft-runs)")
+    e.add_argument("--storage", help="Optuna storage URL (instead of --out)")
+    e.add_argument("--trial", type=int, help="the trial number to export (see autopeft front)")
+    e.add_argument("--pick", nargs="+", metavar="RULE",
+                   help="choose the trial instead: 'best-metric' or 'smallest-within X' (fewest params on the front "
+                        "within X points of its best metric)")
+    e.add_argument("--format", dest="formats", choices=("auto", "hf", "autopeft", "adapters"), default="auto",
+                   help="auto (default): autopeft always, HF PEFT where it can express the spec; hf: fail unless "
+                        "HF PEFT can; autopeft: ours only")
+    e.add_argument("--force", action="store_true", help="replace a non-empty DEST")
+
+    w = sub.add_parser("worker", help="join a study on a shared storage: ask for trials, train them, tell results",
+                       epilog=EPILOG)
+    w.add_argument("--study", required=True, help="the study's name (made by `autopeft search --storage URL`)")
+    w.add_argument("--storage", help="Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db "
+                                     "(default: $AUTOPEFT_STORAGE)")
+    w.add_argument("--tracking-uri", help="MLflow tracking URI (default: $AUTOPEFT_TRACKING_URI, else the study's)")
+    w.add_argument("--out", help="local home for trial weights (default: the study's --out)")
+    w.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    w.add_argument("--grace", type=float, default=60.0,
+                   help="on SIGTERM, seconds the running trial may take to finish before it is failed (default 60)")
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a study's tracking store")
+    u.add_argument("--out", help="the --out directory of the search (default: autopeft-runs)")
+    u.add_argument("--tracking-uri", help="an MLflow backend store URI instead of --out")
+    u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     return p
 
 
@@ -95,6 +139,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from autopeft.front import front_command
 
             front_command(args.study, out=args.out, storage=args.storage, as_json=args.json)
+        elif args.verb == "export":
+            from autopeft.export import export_command
+
+            export_command(args.study, dest=args.dest, out=args.out, storage=args.storage, trial=args.trial,
+                           pick=args.pick, force=args.force, formats=args.formats)
+        elif args.verb == "worker":
+            from autopeft.worker import worker_command
+
+            worker_command(args.study, storage=args.storage, tracking_uri=args.tracking_uri, out=args.out,
+                           device=args.device, grace=args.grace)
+        elif args.verb == "ui":
+            from autopeft.ui import ui_command
+
+            ui_command(out=args.out, tracking_uri=args.tracking_uri, port=args.port)
     except UserError as exc:
         print(f"autopeft: error: {exc}", file=sys.stderr)
         return 2

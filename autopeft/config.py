@@ -19,6 +19,17 @@ from autopeft.yamlio import load_yaml
 _KEYS = {"task", "backbone", "spec", "fidelity", "full_fidelity", "data"}
 
 
+#: the fewest epochs `--fidelity full` trains when the config names no `full_fidelity`
+FULL_MIN_EPOCHS = 3.0
+
+
+def full_fidelity(search: Fidelity) -> Fidelity:
+    """`--fidelity full` without a `full_fidelity` in the config: the search's settings (length, batch, lr, seed)
+    on the whole train set, for max(3, epochs) epochs, with no step cap."""
+    return dataclasses.replace(search, train_examples=None, max_steps=None,
+                               epochs=max(float(search.epochs), FULL_MIN_EPOCHS))
+
+
 def trial_config_from_dict(d: Mapping[str, Any], *, fidelity: str = "search", source: str = "config") -> TrialConfig:
     """Build a `TrialConfig`; `fidelity="full"` uses `full_fidelity`, or the whole train set if absent."""
     if not isinstance(d, Mapping):
@@ -33,7 +44,7 @@ def trial_config_from_dict(d: Mapping[str, Any], *, fidelity: str = "search", so
     fid = Fidelity.from_dict(d.get("fidelity"))
     if fidelity == "full":
         full = d.get("full_fidelity")
-        fid = Fidelity.from_dict(full) if full else dataclasses.replace(fid, train_examples=None)
+        fid = Fidelity.from_dict(full) if full else full_fidelity(fid)
     elif fidelity != "search":
         raise UserError(f"--fidelity must be 'search' or 'full', not {fidelity!r}")
     data = d.get("data") or {}

@@ -14,7 +14,8 @@ class UserError(Exception):
 class TrialFailed(Exception):
     """A trial ended without a result; `reason` is recorded (oom, nan, crash), the study goes on."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, memory_mb: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.memory_mb = memory_mb  # peak memory measured up to the failure (recorded for `oom`)

@@ -1,22 +1,24 @@
-"""`autopeft train`: one configuration from a YAML file, trained and measured, results printed and saved."""
+"""`autopeft train`: one configuration from a YAML file, trained and measured, results printed and saved.
+
+With `--output DIR` the trained model is written in the export layout (`autopeft.export.export_model`):
+`autopeft.yaml`, `autopeft_weights.safetensors`, `metrics.json`, `README.md`, and an HF PEFT adapter where HF
+PEFT can express the spec, so a retrained export is used exactly like the one `autopeft export` wrote.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from safetensors.torch import save_file
-
-from autopeft.config import load_trial_config, trial_config_to_dict
+from autopeft.config import trial_config_from_dict, trial_config_to_dict
 from autopeft.errors import UserError
-from autopeft.peft import trainable_state_dict
 from autopeft.report import metrics_table
 from autopeft.spec import Metrics
-from autopeft.train import run_trial
-from autopeft.yamlio import dump_yaml
+from autopeft.train import TrialConfig, run_trial
+from autopeft.yamlio import load_yaml
 
 
 def check_output_dir(output: str | Path | None, force: bool = False) -> None:
@@ -30,39 +32,45 @@ def check_output_dir(output: str | Path | None, force: bool = False) -> None:
         raise UserError(f"output directory {out} exists and is not empty; choose a new one or pass --force")
 
 
-def train_command(config: str, *, fidelity: str = "search", output: str | None = None, data_dir: str | None = None,
-                  backbone: str | None = None, device: str | None = None, kernel_mode: str = "auto",
-                  force: bool = False, as_json: bool = False) -> Metrics:
-    cfg = load_trial_config(config, fidelity=fidelity)
+def _override(cfg: TrialConfig, data_dir: str | None, backbone: str | None) -> TrialConfig:
     if data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
     if backbone:
         cfg = dataclasses.replace(cfg, backbone=backbone)
+    return cfg
+
+
+def export_config(raw: Mapping[str, Any], search_cfg: TrialConfig, spec: Any) -> dict[str, Any]:
+    """The `autopeft.yaml` of a retrained run: the search fidelity and `full_fidelity` of the source config (so
+    the file retrains the same way again), with the overrides given on the command line applied."""
+    out = trial_config_to_dict(search_cfg, spec)
+    if raw.get("full_fidelity"):
+        out["full_fidelity"] = dict(raw["full_fidelity"])
+    return out
+
+
+def train_command(config: str, *, fidelity: str = "search", output: str | None = None, data_dir: str | None = None,
+                  backbone: str | None = None, device: str | None = None, kernel_mode: str = "auto",
+                  force: bool = False, as_json: bool = False) -> Metrics:
+    raw = load_yaml(config, "config")
+    cfg = _override(trial_config_from_dict(raw, fidelity=fidelity, source=str(config)), data_dir, backbone)
+    search_cfg = _override(trial_config_from_dict(raw, fidelity="search", source=str(config)), data_dir, backbone)
     check_output_dir(output, force)
     result = run_trial(cfg, device=device, kernel_mode=kernel_mode, progress=not as_json)
     m = result.metrics
+    report = None
     if output:
-        write_run_dir(Path(output), cfg_dict=trial_config_to_dict(cfg, result.spec), metrics=m,
-                      weights=trainable_state_dict(result.model))
+        from autopeft.export import export_model
+
+        report = export_model(result.model, result.spec, output, trial_config=export_config(raw, search_cfg,
+                                                                                             result.spec),
+                              metrics={**m.to_dict(), "fidelity": fidelity, "trained_fidelity": cfg.fidelity.to_dict()},
+                              force=force, source=f"autopeft train --config {config} --fidelity {fidelity}")
     if as_json:
         print(json.dumps(m.to_dict(), indent=2))
     else:
         print(metrics_table(m, result.spec.summary()))
+        if report is not None:
+            print("\n".join(report.lines()))
         print(json.dumps(m.to_dict()))
     return m
-
-
-def write_run_dir(out: Path, *, cfg_dict: dict, metrics: Metrics, weights: dict) -> None:
-    """Write into a temp dir beside `out`, then rename: an interrupted write leaves no half-made directory."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        dump_yaml(cfg_dict, tmp / "autopeft.yaml")
-        (tmp / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2))
-        save_file(weights, str(tmp / "autopeft_weights.safetensors"), metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

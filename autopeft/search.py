@@ -44,7 +44,9 @@ class SearchOptions:
     study: str | None = None
     out: str = "autopeft-runs"
     storage: str | None = None
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # None: the embedded MLflow store sqlite:///OUT/mlflow.db
+    experiment: str | None = None  # None: autopeft/TASK
+    tracking: bool = True
     space: str = "mixed"
     backbone: str = "minilm"
     data: DataOptions = field(default_factory=DataOptions)
@@ -61,6 +63,7 @@ class SearchOptions:
     resume: bool = False
     device: str | None = None
     progress: bool = True
+    workers: int | None = None  # None/1: trials run in this process; N > 1: N `autopeft worker` processes
 
     @property
     def study_name(self) -> str:
@@ -118,7 +121,7 @@ def mask_url(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: nothing to mask
+    except Exception:
         return url
 
 
@@ -128,15 +131,34 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if heartbeat:
-        kwargs = {"heartbeat_interval": 10, "grace_period": 30,
-                  "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+        from autopeft.worker import RetryCallback, heartbeat_settings
+
+        interval, grace = heartbeat_settings()
+        # a stale trial is failed with reason `heartbeat` (kept on the study) and re-queued twice at most
+        kwargs = {"heartbeat_interval": interval, "grace_period": grace,
+                  "heartbeat_stale_trial_callback": RetryCallback(max_retry=2, reason="heartbeat")}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure to open is a bad URL or an unreachable server
+    except Exception as exc:
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        detail = mask_secret(detail, url)
         raise UserError(f"cannot open storage {mask_url(url)}: {detail}; check the URL, server and password") from None
+
+
+def mask_secret(text: str, url: str) -> str:
+    """`text` with the URL's password (and the unmasked URL itself) replaced, for errors and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:
+        from urllib.parse import urlsplit
+
+        password = urlsplit(url).password if "://" in url else None
+    text = text.replace(url, mask_url(url))
+    return text.replace(str(password), "***") if password else text
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -163,7 +185,8 @@ def parse_max_params(value: str | int | float | None, backbone_params: int) -> i
             raise ValueError
         return int(n)
     except ValueError:
-        raise UserError(f"--max-params {value!r}: give a positive count (e.g. 50000) or a percentage (e.g. 0.5%)") from None
+        raise UserError(f"--max-params {value!r}: give a positive count (e.g. 50000) or a percentage "
+                        "(e.g. 0.5%)") from None
 
 
 def space_fingerprint(distributions: Mapping[str, Any]) -> str:
@@ -246,6 +269,10 @@ def prepare(opts: SearchOptions) -> Study:
                            constraints=constrained, n_objectives=len(directions))
     if opts.study_name in existing:
         if not opts.resume:
+            other = existing[opts.study_name].user_attrs
+            if other.get("space_fingerprint") not in (None, fingerprint):
+                raise UserError(f"study {opts.study_name!r} already exists in {mask_url(url)} with another search "
+                                f"space ({other.get('space')!r}, not {opts.space!r}); use a new --study name")
             raise UserError(f"study {opts.study_name!r} already exists in {mask_url(url)}; pass --resume to "
                             "continue it, or --study NAME for a new one")
         study = optuna.load_study(study_name=opts.study_name, storage=storage, sampler=sampler)
@@ -255,6 +282,8 @@ def prepare(opts: SearchOptions) -> Study:
                             f"({attrs.get('space')!r}); resume it with the same --space, or use a new --study")
         if [d.name.lower() for d in study.directions] != directions:
             raise UserError(f"study {opts.study_name!r} has other objectives; resume with the same ones")
+        if attrs.get("n_trials") != opts.n_trials:
+            study.set_user_attr("n_trials", opts.n_trials)  # the global budget every worker reads
     else:
         study = optuna.create_study(study_name=opts.study_name, storage=storage, sampler=sampler,
                                     directions=directions)
@@ -271,6 +300,13 @@ def prepare(opts: SearchOptions) -> Study:
         study.set_user_attr("max_memory", opts.max_memory)
         study.set_user_attr("num_layers", num_layers)
         study.set_user_attr("backbone_params", backbone_params)
+        study.set_user_attr("n_trials", opts.n_trials)  # the global budget every worker reads
+        # what `autopeft worker` needs to rebuild these options elsewhere (URLs only password-masked)
+        study.set_user_attr("search_options", {
+            "n_trials": opts.n_trials, "sampler": opts.sampler, "n_startup_trials": opts.n_startup_trials,
+            "seed": opts.seed, "heldout_examples": opts.heldout_examples, "out": str(opts.out),
+            "experiment": opts.experiment, "tracking": opts.tracking,
+            "tracking_uri": mask_url(opts.tracking_uri) if opts.tracking_uri else None})
         for params in startup:
             study.enqueue_trial(params, skip_if_exists=True)
     return Study(opts, study, space, distributions, num_layers, dims, head, backbone_params, max_params, task_data)
@@ -312,14 +348,29 @@ def objective(prepared: Study, on_done: Callable[[FrozenTrial | None, Metrics | 
         spec = prepared.space.decode(params, prepared.num_layers)
         trial.set_user_attr("spec", spec.to_dict())
         trial.set_user_attr("spec_summary", spec.summary())
+        import torch
+
+        from autopeft import train
+        from autopeft.worker import record_infeasible
+
+        token = train.CURRENT_TRIAL.set(trial.number)  # for AUTOPEFT_INJECT_FAULT (tests and drills)
         try:
-            result = run_trial(prepared.trial_config(spec), task=prepared.task_data, select="heldout",
-                               heldout_fraction=heldout_size(opts, prepared.task_data) / len(prepared.task_data.train),
-                               device=opts.device, progress=opts.progress)
+            try:
+                result = run_trial(prepared.trial_config(spec), task=prepared.task_data, select="heldout",
+                                   heldout_fraction=heldout_size(opts, prepared.task_data)
+                                   / len(prepared.task_data.train), device=opts.device, progress=opts.progress)
+            except torch.cuda.OutOfMemoryError as exc:  # outside the training loop (loading, evaluation)
+                raise TrialFailed("oom", str(exc).splitlines()[0] if str(exc) else "out of memory") from None
         except TrialFailed as exc:
             trial.set_user_attr(FAIL_REASON, exc.reason)
             trial.set_user_attr("autopeft.fail_detail", exc.detail[:500])
+            if exc.reason == "oom":
+                if exc.memory_mb is not None:
+                    trial.set_user_attr("peak_memory_mb", exc.memory_mb)  # measured up to the failure
+                record_infeasible(prepared, trial, spec, exc.memory_mb)  # so the sampler stops proposing it
             raise
+        finally:
+            train.CURRENT_TRIAL.reset(token)
         m = result.metrics
         trial.set_user_attr("weights_path", str(save_trial_weights(opts, trial.number, result.model)))
         for key, value in m.to_dict().items():
@@ -360,7 +411,10 @@ def save_trial_weights(opts: SearchOptions, number: int, model: Any) -> Path:
 
 
 def completed(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """COMPLETE trials toward the budget (the COMPLETE stand-ins of OOM trials, `autopeft.shadow_of`, excluded)."""
+    from autopeft.worker import SHADOW_ATTR
+
+    return sum(SHADOW_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> optuna.Study:
@@ -372,7 +426,23 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
     echo(f"study {opts.study_name!r} on {mask_url(storage_url(opts))}: {opts.task}, backbone {opts.backbone}, "
          f"space {opts.space} ({len(prepared.distributions)} parameters), sampler {opts.sampler}, "
          f"{completed(study)}/{opts.n_trials} trials done")
+    tracker = start_tracking(opts, study, echo)
     if remaining <= 0:
+        if tracker:
+            tracker.finish(study)
+        return study
+    if opts.workers is not None and opts.workers > 1:  # N `autopeft worker` processes share the global budget
+        from autopeft.worker import spawn_workers
+
+        started = time.time()
+        try:
+            codes = spawn_workers(opts, storage_url(opts), opts.workers, echo=echo)
+        finally:
+            if tracker:
+                tracker.finish(study)
+        if any(codes):
+            echo(f"autopeft: warning: worker exit codes {codes}")
+        echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s with {opts.workers} workers")
         return study
     from tqdm.auto import tqdm
 
@@ -390,17 +460,43 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
         else:
             line = f"trial {trial.number:3d}  {trial.state.name} ({trial.user_attrs.get(FAIL_REASON, 'error')})"
         bar.write(line) if bar.disable is False else echo(line)
+        if tracker:
+            tracker.log_trial(study, trial)  # never raises: retries, then records the failure on the study
         if completed(study) >= opts.n_trials:
             study.stop()
 
     started = time.time()
+    run = objective(prepared)
+
+    def tracked(trial: optuna.Trial) -> list[float]:
+        if tracker:
+            tracker.begin_trial(trial)  # the child run shows RUNNING, and its id is a user attr of the trial
+        return run(trial)
+
     try:
-        study.optimize(objective(prepared), n_trials=2 * remaining + 2, timeout=opts.timeout,
+        study.optimize(tracked, n_trials=2 * remaining + 2, timeout=opts.timeout,
                        callbacks=[after], catch=(TrialFailed,), gc_after_trial=True, show_progress_bar=False)
     finally:
         bar.close()
+        if tracker:
+            tracker.finish(study)  # logs what a crash or an outage left out, ends the parent run
     echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s")
     return study
+
+
+def start_tracking(opts: SearchOptions, study: optuna.Study, echo: Callable[[str], None]) -> Any:
+    """The study's MLflow tracker, started (None with --no-tracking). Starting never raises: a store that is
+    down is retried, recorded on the study, and caught up on later (see autopeft.tracking)."""
+    if not opts.tracking:
+        return None
+    from autopeft.tracking import Tracker
+
+    tracker = Tracker.for_search(opts)
+    tracker.start(study)
+    if tracker.parent_run_id:
+        echo(f"MLflow: {tracker.masked_uri} (parent run {tracker.parent_run_id}); browse it with `autopeft ui"
+             + (f" --out {opts.out}`" if tracker.embedded else f" --tracking-uri {tracker.masked_uri}`"))
+    return tracker
 
 
 def search_command(task: str, overrides: Mapping[str, Any]) -> optuna.Study:

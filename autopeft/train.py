@@ -8,7 +8,9 @@ reason, so the search records it and goes on.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import os
 import random
 import sys
 import threading
@@ -68,6 +70,26 @@ class TrialResult:
     model: nn.Module
     spec: PeftSpec
     loss_curve: list[float]
+
+
+#: Fault injection for tests and drills: `AUTOPEFT_INJECT_FAULT="oom@3,nan@5"` makes trial 3 hit a (simulated)
+#: allocator failure and trial 5 a NaN loss inside the training step; a bare `oom`/`nan` hits every trial. The
+#: trial number comes from `CURRENT_TRIAL`, which the search sets around each trial.
+FAULT_ENV = "AUTOPEFT_INJECT_FAULT"
+CURRENT_TRIAL: contextvars.ContextVar[int | None] = contextvars.ContextVar("autopeft_trial", default=None)
+
+
+def injected_fault() -> str | None:
+    """The fault `AUTOPEFT_INJECT_FAULT` asks of the current trial: 'oom', 'nan' or None."""
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    if not spec:
+        return None
+    number = CURRENT_TRIAL.get()
+    for item in spec.split(","):
+        kind, _, target = item.strip().partition("@")
+        if kind in ("oom", "nan") and (not target or (number is not None and target.strip() == str(number))):
+            return kind
+    return None
 
 
 # ----- data -------------------------------------------------------------------------------------------------
@@ -154,6 +176,16 @@ class PeakMemory:
 
             self._peak = max(self._peak, psutil.Process().memory_info().rss)
             self.peak_mb = (self._peak - self._base) / 2**20
+
+
+def _memory_at_failure(device: torch.device, mem: PeakMemory | None) -> float | None:
+    """Peak memory (MiB) of a trial that ran out of it: the allocator's peak on CUDA, the sampled RSS on CPU."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        return mem.peak_mb if mem is not None else None
+    except Exception:
+        return None
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -287,6 +319,8 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     model.train()
+    fault = injected_fault()
+    mem: PeakMemory | None = None
     losses: list[float] = []
     tokens = 0
     step = 0
@@ -301,6 +335,10 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
                     batch = collate(train_ids, idx, pad_id, dev)
                     with autocast:
                         loss = model(**batch, labels=labels[idx].to(dev)).loss
+                    if fault == "oom":  # a simulated allocator failure, exactly where a real one would surface
+                        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {FAULT_ENV})")
+                    if fault == "nan":
+                        loss = loss * float("nan")
                     if not torch.isfinite(loss):
                         raise TrialFailed("nan", f"loss became {loss.item()} at step {step}")
                     loss.backward()
@@ -320,8 +358,8 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             train_s = time.perf_counter() - t0
-    except torch.cuda.OutOfMemoryError as exc:
-        raise TrialFailed("oom", str(exc).splitlines()[0]) from None
+    except torch.cuda.OutOfMemoryError as exc:  # the same class as torch.OutOfMemoryError
+        raise TrialFailed("oom", str(exc).splitlines()[0], memory_mb=_memory_at_failure(dev, mem)) from None
     finally:
         bar.close()
 

@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_results  # noqa: E402
+from common import device_name, write_results
 
-from autopeft.models import load_backbone, resolve_backbone  # noqa: E402
-from autopeft.spec import Fidelity  # noqa: E402
-from autopeft.train import DataOptions, TrialConfig, pick_device, run_trial, train_and_evaluate  # noqa: E402
+from autopeft.models import load_backbone, resolve_backbone
+from autopeft.spec import Fidelity
+from autopeft.train import DataOptions, TrialConfig, pick_device, run_trial, train_and_evaluate
 
 
-def hf_peft_lora(cfg: TrialConfig, task, device) -> dict:  # noqa: ANN001
+def hf_peft_lora(cfg: TrialConfig, task, device) -> dict:
     """HF PEFT's LoRA r=8 on query/value, trained by our loop with the same seed, data and learning rate."""
     import peft
     import torch
@@ -69,8 +69,8 @@ def main() -> None:
         print(f"{name}: dev acc {m['metric']:.4f}  params {m['trainable_params']:,}  {m['train_seconds']:.0f}s",
               flush=True)
     hf = hf_peft_lora(base, task, device)
-    rows.append({"name": "hf_peft_lora_r8_qv", "spec": "peft.LoraConfig(r=8, lora_alpha=8, target_modules=[query, value])",
-                 **hf})
+    rows.append({"name": "hf_peft_lora_r8_qv",
+                 "spec": "peft.LoraConfig(r=8, lora_alpha=8, target_modules=[query, value])", **hf})
     print(f"hf_peft_lora_r8_qv: dev acc {hf['metric']:.4f}  params {hf['trainable_params']:,}", flush=True)
     by = {r["name"]: r for r in rows}
     summary = {

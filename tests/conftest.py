@@ -55,3 +55,24 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "glue" / "sst2" / "dev.tsv").is_file():
         pytest.skip(f"GLUE data not found at {SHARED_DATA} (CI checks the repo out with ../shared beside it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (initdb + pg_ctl in a temp dir, 127.0.0.1, password user) for the session."""
+    from tests.postgres import TempPostgres, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    with TempPostgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def postgres_url(postgres, request) -> str:
+    """A fresh database on the session's server for one test: `postgresql+psycopg2://autopeft:PW@127.0.0.1:P/db`."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50] + "_" + os.urandom(3).hex()
+    return postgres.create_database(name)

@@ -42,12 +42,44 @@ def test_train_prints_table_and_json_and_saves(tmp_path: Path, tiny_backbone_dir
     assert "trainable params" in text and "peak memory" in text and "tokens/s" in text
     metrics = json.loads(text.strip().splitlines()[-1])
     assert metrics["metric_name"] == "accuracy" and metrics["steps"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["autopeft.yaml", "autopeft_weights.safetensors", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [  # the export layout (LoRA: HF PEFT too)
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "autopeft.yaml",
+        "autopeft_weights.safetensors", "metrics.json"]
     saved = yaml.safe_load((out / "autopeft.yaml").read_text())
     assert saved["spec"]["lora"]["rank"]["q"] == [4, 4]
     # the saved config trains again as is
     assert main(["train", "--config", str(out / "autopeft.yaml"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable_params"] == metrics["trainable_params"]
+
+
+def test_train_full_fidelity_writes_the_export_layout(tmp_path: Path, tiny_backbone_dir: Path, toy_files,
+                                                      capsys) -> None:
+    """`autopeft train --config EXPORT/autopeft.yaml --fidelity full --output DIR`: the whole train set, >= 3
+    epochs, no step cap; DIR loads with HF PEFT and autopeft.load to the same logits."""
+    import peft
+    import torch
+
+    import autopeft
+    from autopeft.models import load_backbone
+
+    config = write_config(tmp_path / "c.yaml", tiny_backbone_dir, toy_files,
+                          spec={"dora": {"rank": {"q": [4, 0], "v": 2}}})
+    out = tmp_path / "full"
+    assert main(["train", "--config", str(config), "--fidelity", "full", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "wrote hf-peft" in text and "wrote autopeft" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fidelity"] == "full" and metrics["trained_fidelity"]["train_examples"] is None
+    assert metrics["steps"] == 3 * 200 // 8  # 200 examples, batch 8, 3 epochs: max_steps 3 is dropped
+    saved = yaml.safe_load((out / "autopeft.yaml").read_text())
+    assert saved["fidelity"]["max_steps"] == 3 and saved["full_fidelity"]["epochs"] == 3.0  # retrains the same
+    assert "--fidelity full" in (out / "README.md").read_text()
+    base, tokenizer = load_backbone(str(tiny_backbone_dir), 2)
+    enc = dict(tokenizer(["a fine film", "awful"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        hf = peft.PeftModel.from_pretrained(base, str(out)).eval()(**enc).logits
+        ours = autopeft.load(None, out)(**enc).logits
+    assert (hf - ours).abs().max().item() <= 1e-4
 
 
 def test_output_dir_not_empty_is_refused_before_training(tmp_path: Path, tiny_backbone_dir: Path, toy_files,

@@ -1,0 +1,239 @@
+"""The samplers a study can use, and the BoTorch acquisition behind the default one.
+
+`botorch` is Optuna's `BoTorchSampler` with our own `candidates_func` (the signature of Optuna's
+`qnehvi_candidates_func`), because the defaults do not fit a PEFT search:
+
+* Acquisition: qLogNEHVI (qLogNEI for one objective). Log-EI-family acquisitions keep usable gradients where
+  plain (q)EHVI is numerically flat (Ament et al., 2023), and the *noisy* variant integrates over the GP's
+  belief about the baseline instead of trusting measured accuracies, which jitter by a point or more between
+  seeds at search fidelity. Optuna's default for 2-3 objectives is qEHVI, its default for constraints qEI.
+* Model: one `SingleTaskGP` over objectives and constraints, with BoTorch's default dimension-scaled
+  lengthscale prior (Hvarfner et al., 2024), which stays sample-efficient at the ~20-40 dimensions of our
+  spaces. A SAAS GP would also suit that regime but is fitted by NUTS: tens of seconds to minutes per proposal
+  on two CPU cores, more than a short trial costs.
+* Optimiser budget: 4 restarts from 256 raw samples, 64 MC samples, at most 100 L-BFGS iterations, and a
+  warm-started GP fit capped at 75. The space is integer indices relaxed to intervals and rounded
+  afterwards, so a finely converged continuous optimum buys little. qLogNEHVI's cost grows with its
+  baseline (one box decomposition of the baseline's front per MC sample), so the baseline is pruned to the
+  24 trials most likely Pareto-optimal. Measured on 2 shared CPU cores, 20 dims (bench/search_overhead.py):
+  ~1.6 s per proposal at 10 trials, ~3 s at 100, ~5 s at 200.
+* Reference point: BoTorch's `infer_reference_point` (10% beyond the nadir of the feasible front) rather
+  than Optuna's "worst observed", so early fronts do not give zero volume to improvements along one axis.
+* Robustness: a sampler that raises stops `study.optimize` for every worker, whereas DESIGN.md wants a study
+  that never crashes. Any failure to fit or optimise (too few feasible points, a singular kernel matrix) is
+  logged and answered with a uniform random candidate instead.
+
+Constraints: `search.py` stores each trial's constraint values (<= 0 feasible) as the user attribute
+`constraints`; every sampler that takes a `constraints_func` gets one reading it. Optuna 5 deprecates
+`constraints_func` in favour of `Trial.set_constraint`, but the function keeps search.py's one attribute the
+single source, and its FutureWarning is silenced here. Optuna then stores the values in system attributes
+(`FrozenTrial.constraints`), which is what its front (`study.best_trials`) and BoTorch read.
+FAILED trials never reach the sampler's model: Optuna passes only COMPLETE (and RUNNING) trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.samplers import BaseSampler, NSGAIISampler, RandomSampler, TPESampler
+from optuna.trial import FrozenTrial
+
+from autopeft.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+SAMPLERS: tuple[str, ...] = ("botorch", "tpe", "nsga2", "random")
+CONSTRAINTS_ATTR = "constraints"
+
+#: Acquisition optimiser budget (see the module docstring for why it is small).
+NUM_RESTARTS = 4
+RAW_SAMPLES = 256
+MC_SAMPLES = 64
+MAX_ITER = 100
+FIT_MAXITER = 75
+MAX_BASELINE = 24  # baseline points kept for qLogNEHVI (see _propose)
+
+_log = logging.getLogger(__name__)
+
+
+def constraints_from_user_attr(trial: FrozenTrial) -> Sequence[float]:
+    """A trial's constraints as search.py records them: a list of floats, <= 0 feasible."""
+    return [float(c) for c in trial.user_attrs.get(CONSTRAINTS_ATTR, [])]
+
+
+def make_sampler(name: str, seed: int, n_startup_trials: int, constraints: bool, n_objectives: int
+                 ) -> BaseSampler:
+    """A fresh sampler for one study (Optuna's BoTorch sampler keeps per-study state, so never share one)."""
+    key = str(name).strip().lower()
+    if key not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+    if n_objectives < 1:
+        raise UserError(f"a study needs at least one objective, got {n_objectives}")
+    if n_startup_trials < 0:
+        raise UserError(f"n_startup_trials must be >= 0, got {n_startup_trials}")
+    cf = constraints_from_user_attr if constraints else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # constraints_func: deprecated in Optuna 5, see above
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if key == "botorch":
+            from optuna_integration import BoTorchSampler
+
+            return BoTorchSampler(candidates_func=LogNEHVICandidates(), constraints_func=cf,
+                                  n_startup_trials=n_startup_trials, seed=seed,
+                                  # pending trials of other workers enter as X_pending: no duplicate proposals
+                                  consider_running_trials=True,
+                                  independent_sampler=RandomSampler(seed=seed))
+        if key == "tpe":
+            # multivariate: our settings interact (a rank matters only in an inserted layer)
+            return TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True, constraints_func=cf)
+        if key == "nsga2":
+            # Budgets here are tens of trials: Optuna's default generation of 50 would mean a random search.
+            return NSGAIISampler(seed=seed, population_size=max(8, n_startup_trials), constraints_func=cf)
+        return ConstrainedRandomSampler(seed=seed, constraints_func=cf)
+
+
+class ConstrainedRandomSampler(RandomSampler):
+    """Random search that still records constraints, so fronts and dashboards treat every sampler alike."""
+
+    def __init__(self, seed: int | None = None,
+                 constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None) -> None:
+        super().__init__(seed=seed)
+        self._constraints_func = constraints_func
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: Any, values: Sequence[float] | None
+                    ) -> None:
+        if self._constraints_func is not None:
+            from optuna.samplers._base import _process_constraints_after_trial
+
+            _process_constraints_after_trial(self._constraints_func, study, trial, state)
+        super().after_trial(study, trial, state, values)
+
+
+# ----- BoTorch -----------------------------------------------------------------------------------------------
+class LogNEHVICandidates:
+    """A `candidates_func` for `BoTorchSampler`: one candidate (shape [1, d], in the original bounds) that
+    maximises qLogNEHVI, or qLogNEI for one objective. Objectives arrive maximised (Optuna negates minimised
+    ones); constraints are <= 0 feasible.
+
+    It is an object, not a function, to warm-start the GP: each proposal starts the hyperparameter fit from
+    the previous proposal's optimum, which sees one trial less, so the fit converges in fewer iterations than
+    a cold start (the fit is most of a proposal's time). Proposals run on one thread (torch's and the BLAS
+    under scipy's L-BFGS-B): the matrices are at most a few hundred wide, where more threads only add
+    synchronisation, and on a CPU shared with training they oversubscribe it. Measured on 2 loaded cores:
+    ~3 s per proposal on one thread against 8-30 s with the default two.
+    """
+
+    def __init__(self) -> None:
+        self._warm: dict[str, Any] | None = None
+
+    def __call__(self, train_x: torch.Tensor, train_obj: torch.Tensor, train_con: torch.Tensor | None,
+                 bounds: torch.Tensor, pending_x: torch.Tensor | None) -> torch.Tensor:
+        import torch
+        from threadpoolctl import threadpool_limits  # a BoTorch dependency
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with threadpool_limits(limits=1):  # OpenBLAS under scipy's L-BFGS-B, OpenMP under torch
+                return self._propose(train_x, train_obj, train_con, bounds, pending_x)
+        except Exception as exc:  # a sampler error would stop the whole study (module docstring)
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            _log.warning("BoTorch proposal failed (%s: %s); proposing a random configuration instead",
+                         type(exc).__name__, first)
+            return random_candidate(bounds)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _propose(self, train_x: torch.Tensor, train_obj: torch.Tensor, train_con: torch.Tensor | None,
+                 bounds: torch.Tensor, pending_x: torch.Tensor | None) -> torch.Tensor:
+        import torch
+        from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+        from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+        from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
+        from botorch.acquisition.multi_objective.utils import prune_inferior_points_multi_objective
+        from botorch.acquisition.objective import GenericMCObjective
+        from botorch.optim import optimize_acqf
+        from botorch.sampling import SobolQMCNormalSampler
+        from botorch.utils.multi_objective.hypervolume import infer_reference_point
+        from botorch.utils.multi_objective.pareto import is_non_dominated
+        from botorch.utils.transforms import normalize, unnormalize
+
+        n_obj = train_obj.shape[-1]
+        train_y = train_obj if train_con is None else torch.cat([train_obj, train_con], dim=-1)
+        keep = torch.isfinite(train_y).all(dim=-1)
+        x, y = normalize(train_x[keep], bounds=bounds), train_y[keep]
+        if x.shape[0] < 2:
+            return random_candidate(bounds)
+        if pending_x is not None:
+            pending_x = normalize(pending_x, bounds=bounds) if pending_x.shape[0] else None
+
+        model = self._fit(x, y)
+        sampler = SobolQMCNormalSampler(torch.Size([MC_SAMPLES]))
+        kwargs: dict[str, Any] = {}
+        if train_con is not None:
+            kwargs["constraints"] = [_outcome(n_obj + i) for i in range(train_con.shape[-1])]
+        if n_obj == 1:
+            if train_con is not None:
+                kwargs["objective"] = GenericMCObjective(lambda Z, X=None: Z[..., 0])
+            acqf = qLogNoisyExpectedImprovement(model=model, X_baseline=x, sampler=sampler, X_pending=pending_x,
+                                                prune_baseline=True, **kwargs)
+        else:
+            obj = y[:, :n_obj]
+            feasible = (y[:, n_obj:] <= 0).all(dim=-1) if train_con is not None else torch.ones_like(keep[keep])
+            pool = obj[feasible] if feasible.any() else obj
+            ref_point = infer_reference_point(pool[is_non_dominated(pool)])
+            if train_con is not None:
+                kwargs["objective"] = IdentityMCMultiOutputObjective(outcomes=list(range(n_obj)))
+            # The acquisition partitions the space once per MC sample around the baseline's front, the cost that
+            # grows with the study; keep only the baseline points most likely to be Pareto-optimal.
+            baseline = prune_inferior_points_multi_objective(
+                model=model, X=x, ref_point=ref_point, objective=kwargs.get("objective"),
+                constraints=kwargs.get("constraints"), num_samples=512,
+                max_frac=min(1.0, MAX_BASELINE / x.shape[0]))
+            acqf = qLogNoisyExpectedHypervolumeImprovement(
+                model=model, ref_point=ref_point.tolist(), X_baseline=baseline, sampler=sampler,
+                X_pending=pending_x, prune_baseline=False, alpha=10 ** (-8 + n_obj) if n_obj > 4 else 0.0, **kwargs)
+        unit = torch.stack([torch.zeros_like(bounds[0]), torch.ones_like(bounds[1])])
+        candidate, _ = optimize_acqf(acq_function=acqf, bounds=unit, q=1, num_restarts=NUM_RESTARTS,
+                                     raw_samples=RAW_SAMPLES,
+                                     options={"batch_limit": NUM_RESTARTS, "maxiter": MAX_ITER})
+        return unnormalize(candidate.detach(), bounds=bounds)
+
+    def _fit(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms.outcome import Standardize
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        model = SingleTaskGP(x, y, outcome_transform=Standardize(m=y.shape[-1]))
+        if self._warm is not None:
+            try:
+                model.load_state_dict(self._warm, strict=False)
+            except RuntimeError:  # another shape (a constraint appeared): start cold
+                pass
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model),
+                         optimizer_kwargs={"options": {"maxiter": FIT_MAXITER}})
+        # Standardize's buffers describe this data set only; everything else is a hyperparameter or a prior.
+        self._warm = {k: v.detach().clone() for k, v in model.state_dict().items()
+                      if not k.startswith("outcome_transform")}
+        return model
+
+
+def random_candidate(bounds: torch.Tensor) -> torch.Tensor:
+    """Uniform in the bounds; seeded by the `manual_seed` the BoTorch sampler wraps every proposal in."""
+    import torch
+
+    u = torch.rand(1, bounds.shape[-1], dtype=bounds.dtype, device=bounds.device)
+    return bounds[0] + u * (bounds[1] - bounds[0])
+
+
+def _outcome(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def constraint(z: torch.Tensor) -> torch.Tensor:
+        return z[..., i]
+
+    return constraint

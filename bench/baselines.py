@@ -1,0 +1,181 @@
+"""Issue "evidence": the PEFT configurations people use today against the autopeft front, on SST-2.
+
+Every row is trained by the same loop (`autopeft.train.train_and_evaluate`: AdamW, warm-up + linear decay,
+bf16 autocast on GPU, length-bucketed batches) at one final fidelity, so the only difference between rows is
+the configuration. HF PEFT trains its own methods (LoRA, IA3, prefix); full fine-tuning is plain
+transformers; Houlsby and Pfeiffer adapters are ours (HF PEFT has no bottleneck adapters). The autopeft rows
+are the front points of a finished study (`--study/--storage`), retrained with `run_trial(select="dev")`
+at the same fidelity and seeds: the study chose them on a held-out split of train, never on dev.
+
+    python bench/baselines.py --storage sqlite:///runs/optuna.db --study glue-sst2 --seeds 0 1 2
+
+Writes bench/results/baselines-<device>-<date>.json and prints the summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results
+
+from autopeft.models import load_backbone, resolve_backbone
+from autopeft.spec import Fidelity
+from autopeft.train import DataOptions, TrialConfig, pick_device, run_trial, train_and_evaluate
+
+#: HF PEFT baselines: name -> (peft config factory or None for full FT, learning rate)
+HF_LR = {"full_ft": 5e-5, "hf_lora_r8_qv": 1e-3, "hf_lora_r8_all": 1e-3, "hf_ia3": 3e-3, "hf_prefix20": 1e-2}
+#: ours where HF PEFT has no such method; AdapterHub's default reduction factor 16 -> size hidden/16
+OURS = {"ours_houlsby": ("houlsby", 1e-3), "ours_pfeiffer": ("pfeiffer", 1e-3)}
+
+
+def hf_config(name: str) -> Any:
+    import peft
+
+    if name == "hf_lora_r8_qv":
+        return peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=8, target_modules=["query", "value"])
+    if name == "hf_lora_r8_all":
+        return peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=8, target_modules="all-linear")
+    if name == "hf_ia3":
+        return peft.IA3Config(task_type="SEQ_CLS")
+    if name == "hf_prefix20":
+        return peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20)
+    return None
+
+
+def run_hf(name: str, base: TrialConfig, task: Any, device: Any) -> dict[str, Any]:
+    import peft
+    import torch
+
+    fid = dataclasses.replace(base.fidelity, lr=HF_LR[name])
+    torch.manual_seed(fid.seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok = load_backbone(base.backbone, task.num_labels, dtype=dtype)
+    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier"))
+    cfg = hf_config(name)
+    if cfg is None:  # full fine-tuning: every weight trains (in fp32: the loop upcasts trainable tensors)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = peft.get_peft_model(model, cfg)
+    metrics, _ = train_and_evaluate(model, tok, task, fid, backbone_params=backbone_params,
+                                    cache_tag=(resolve_backbone(base.backbone), task.name, task.source),
+                                    label=name, device=device, progress=False)
+    return metrics.to_dict()
+
+
+def run_ours(spec: dict, lr: float, base: TrialConfig, task: Any, device: Any) -> dict[str, Any]:
+    cfg = dataclasses.replace(base, spec=spec, fidelity=dataclasses.replace(base.fidelity, lr=lr))
+    return run_trial(cfg, task=task, device=str(device), progress=False).metrics.to_dict()
+
+
+def front_specs(storage: str, study: str, top: int, max_pct: float | None) -> list[tuple[str, dict]]:
+    """The study's front, best held-out metric first; `max_pct` keeps points under that % of params first."""
+    import optuna
+
+    from autopeft.pareto import front_trials
+
+    s = optuna.load_study(study_name=study, storage=storage)
+    front = sorted(front_trials(s), key=lambda t: -t.values[0])
+    small = [t for t in front if max_pct is None or t.user_attrs.get("trainable_pct", 100.0) <= max_pct]
+    rest = [t for t in front if t not in small]
+    chosen = (small + rest)[:top]
+    return [(f"autopeft_trial{t.number}", t.user_attrs["spec"]) for t in chosen]
+
+
+def mean_rows(rows: list[dict]) -> dict[str, dict[str, float]]:
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            by.setdefault(r["name"], []).append(r)
+    return {n: {"acc": statistics.mean(r["metric"] for r in rs), "acc_sd": statistics.pstdev([r["metric"] for r in rs]),
+                "params": rs[0]["trainable_params"], "params_pct": rs[0]["trainable_pct"], "seeds": len(rs)}
+            for n, rs in by.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--data-dir", default=os.environ.get("AUTOPEFT_DATA_DIR"))
+    ap.add_argument("--examples", type=int, default=None, help="train examples (default: the full train set)")
+    ap.add_argument("--epochs", type=float, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--storage", help="the study's storage URL (front points are retrained)")
+    ap.add_argument("--study", default="glue-sst2")
+    ap.add_argument("--front-top", type=int, default=4)
+    ap.add_argument("--front-max-pct", type=float, default=1.0)
+    ap.add_argument("--only", nargs="*", help="run only these rows (names)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+
+    device = pick_device()
+    data = DataOptions(data_dir=args.data_dir)
+    task = data.load("glue/sst2")
+    base = TrialConfig(task="glue/sst2", spec={}, backbone=args.backbone, data=data,
+                       fidelity=Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
+                                         max_length=args.max_length, eval_batch_size=256))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_backbone(args.backbone))
+    num_layers, hidden = config.num_hidden_layers, config.hidden_size
+    jobs: list[tuple[str, Any]] = [(n, None) for n in HF_LR]
+    jobs += [(n, ({"serial_adapter": {"size": hidden // 16, "position": pos}}, lr)) for n, (pos, lr) in OURS.items()]
+    if args.storage:
+        jobs += [(n, (spec, None)) for n, spec in front_specs(args.storage, args.study, args.front_top,
+                                                                args.front_max_pct)]
+    if args.only:
+        jobs = [j for j in jobs if j[0] in args.only]
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        seeded = dataclasses.replace(base, fidelity=dataclasses.replace(base.fidelity, seed=seed))
+        for name, ours in jobs:
+            t0 = time.perf_counter()
+            try:
+                if ours is None:
+                    m = run_hf(name, seeded, task, device)
+                else:
+                    spec, lr = ours
+                    spec = {k: v for k, v in spec.items() if k != "num_layers"} | {"num_layers": num_layers}
+                    if lr is None:  # front points: the per-method learning rates the search trained them with
+                        m = run_trial(dataclasses.replace(seeded, spec=spec), task=task, device=str(device),
+                                      progress=False).metrics.to_dict()
+                    else:
+                        m = run_ours(spec, lr, seeded, task, device)
+                row = {"name": name, "seed": seed, "spec": spec if ours else name, **m}
+                print(f"{name} seed {seed}: acc {m['metric']:.4f} params {m['trainable_params']:,} "
+                      f"({m['trainable_pct']:.3f}%) mem {m['peak_memory_mb']:.0f} MiB train {m['train_seconds']:.1f}s "
+                      f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+            except Exception as e:  # a baseline that cannot run is a recorded row, not a lost benchmark
+                row = {"name": name, "seed": seed, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                print(f"{name} seed {seed}: ERROR {row['error']}", flush=True)
+            rows.append(row)
+
+    means = mean_rows(rows)
+    fft = means.get("full_ft", {}).get("acc", float("nan"))
+    front = {n: v for n, v in means.items() if n.startswith("autopeft_")}
+    le1 = [v["acc"] for v in front.values() if v["params_pct"] <= 1.0]
+    best_le1 = max(le1) if le1 else float("nan")
+    hf_names = [n for n in means if n.startswith("hf_")]
+    dominated = sum(any(f["acc"] >= means[b]["acc"] and f["params"] <= means[b]["params"] for f in front.values())
+                    for b in hf_names)
+    summary = {"fft_acc": fft, "front_best_le1pct_acc": best_le1, "front_gap_to_fft_points": 100 * (fft - best_le1),
+               "hf_peft_baselines_dominated": dominated, "hf_peft_baselines_total": len(hf_names),
+               **{f"{n}_acc": v["acc"] for n, v in means.items()}}
+    rows.append({"name": "means", "means": means})
+    write_results("baselines", rows, summary, out_dir=args.out, device=device,
+                  notes=f"SST-2, {args.backbone}, train examples {args.examples or 'all'}, {args.epochs} epoch(s), "
+                        f"batch {args.batch_size}, max length {args.max_length}, seeds {args.seeds}; "
+                        f"HF PEFT lrs {HF_LR}; adapters lr 1e-3; front points from study {args.study}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""How long the BoTorch sampler takes to propose one configuration, against the number of finished trials.
+
+A proposal (GP fit + qLogNEHVI optimisation) is paid before every trial, so it must stay small next to a
+trial's training time as a study grows. The history is synthetic (a fast fake objective over mixed.yaml at
+6 layers, with a size constraint), so only the sampler is measured.
+
+    python bench/search_overhead.py                       # 10, 50, 100 trials, 3 proposals each
+    python bench/search_overhead.py --trials 10 50 100 200 --proposals 5
+
+Writes bench/results/search_overhead-<device>-<date>.json (see DESIGN.md) and prints the summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna
+
+from autopeft.sampler import make_sampler
+from autopeft.space import SearchSpace
+from autopeft.spec import PeftSpec
+
+DIRECTIONS = ["maximize", "minimize", "minimize"]
+
+
+def fake(spec: PeftSpec, rng: random.Random) -> tuple[list[float], float]:
+    """Accuracy saturating in adapter size (with seed noise), log-size and memory; constraint: size <= 600."""
+    size = (sum(sum(r) for r in spec.lora.values()) + sum(spec.serial_adapter) + sum(spec.parallel_adapter)
+            + sum(spec.prefix) + 8 * sum(sum(b) for b in spec.ia3.values()) + 16 * sum(spec.bitfit))
+    acc = 0.5 + 0.4 * (1 - math.exp(-size / 80)) + rng.gauss(0, 0.01)
+    return [acc, math.log10(1 + size), 100 + 0.3 * size + rng.gauss(0, 1)], float(size - 600)
+
+
+def measure(n_trials: int, proposals: int, layers: int, seed: int) -> dict:
+    space = SearchSpace.load("mixed")
+    dists = space.distributions(layers)
+    rng = random.Random(seed)
+    study = optuna.create_study(directions=DIRECTIONS,
+                                sampler=make_sampler("botorch", seed, 6, constraints=True, n_objectives=3))
+    for _ in range(n_trials):
+        params = space.random_params(rng, layers)
+        values, con = fake(space.decode(params, layers), rng)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values,
+                                                  user_attrs={"constraints": [con]},
+                                                  system_attrs={"constraints": [con]}))
+    seconds = []
+    for _ in range(proposals):
+        started = time.perf_counter()
+        trial = study.ask(dists)  # sample_relative: the GP fit and acquisition optimisation happen here
+        seconds.append(time.perf_counter() - started)
+        values, con = fake(space.decode(trial.params, layers), rng)
+        trial.set_user_attr("constraints", [con])
+        study.tell(trial, values)
+    return {"completed_trials": n_trials, "dims": len(dists), "proposals": proposals,
+            "median_s": statistics.median(seconds), "max_s": max(seconds), "all_s": [round(s, 3) for s in seconds]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, nargs="+", default=[10, 50, 100])
+    ap.add_argument("--proposals", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore")
+    rows = []
+    for n in args.trials:
+        row = measure(n, args.proposals, args.layers, args.seed)
+        rows.append(row)
+        print(f"{n:4d} completed trials, {row['dims']} dims: median {row['median_s']:.2f}s, "
+              f"max {row['max_s']:.2f}s per proposal", flush=True)
+    summary = {f"proposal_s_at_{r['completed_trials']}": round(r["median_s"], 3) for r in rows}
+    try:
+        from common import write_results
+    except ImportError:  # a checkout without bench/common.py: print only
+        print("summary:", summary)
+        return
+    write_results("search_overhead", rows, summary, device="cpu",
+                  notes="BoTorch qLogNEHVI proposal time on a synthetic history over mixed.yaml; CPU, one thread")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Samplers: every name builds, BoTorch runs a constrained multi-objective study end to end, seeds repeat."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autopeft.errors import UserError
+from autopeft.pareto import front_trials
+from autopeft.sampler import SAMPLERS, make_sampler
+from autopeft.search import suggest_all
+from autopeft.space import SearchSpace
+
+LAYERS = 4
+SPACE = SearchSpace.load("mixed")
+DISTS = SPACE.distributions(LAYERS)
+LIMIT = 250.0
+
+
+def fake_objective(n_objectives: int, fail_on: int | None = None):
+    """Accuracy saturating in size, size, memory: cheap, deterministic, with a size constraint and a failure."""
+
+    def run(trial: optuna.Trial) -> list[float]:
+        params = suggest_all(trial, DISTS)
+        spec = SPACE.decode(params, LAYERS)
+        size = (sum(sum(r) for r in spec.lora.values()) + sum(spec.serial_adapter) + sum(spec.parallel_adapter)
+                + sum(spec.prefix) + 8 * sum(sum(b) for b in spec.ia3.values()) + 16 * sum(spec.bitfit))
+        trial.set_user_attr("constraints", [size - LIMIT])
+        if trial.number == fail_on:
+            raise RuntimeError("simulated OOM")
+        values = [0.5 + 0.4 * (1 - math.exp(-size / 60)), math.log10(1 + size), 100 + 0.3 * size]
+        return values[:n_objectives]
+
+    return run
+
+
+DIRECTIONS = ["maximize", "minimize", "minimize"]
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("constraints", [False, True])
+def test_every_sampler_builds_and_samples(name: str, constraints: bool) -> None:
+    sampler = make_sampler(name, seed=0, n_startup_trials=2, constraints=constraints, n_objectives=2)
+    assert isinstance(sampler, optuna.samplers.BaseSampler)
+    if name != "botorch":  # botorch's proposals are covered below, where they have time to run
+        study = optuna.create_study(directions=DIRECTIONS[:2], sampler=sampler)
+        study.optimize(fake_objective(2), n_trials=4)
+        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+        if constraints:
+            assert all(t.constraints for t in study.trials)
+
+
+def test_unknown_sampler() -> None:
+    with pytest.raises(UserError, match=r"unknown sampler 'cmaes'.*botorch"):
+        make_sampler("cmaes", seed=0, n_startup_trials=2, constraints=False, n_objectives=2)
+
+
+def test_botorch_end_to_end_constrained_with_a_failed_trial(caplog: pytest.LogCaptureFixture) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    caplog.set_level(logging.WARNING, logger="autopeft.sampler")
+    sampler = make_sampler("botorch", seed=0, n_startup_trials=6, constraints=True, n_objectives=3)
+    study = optuna.create_study(directions=DIRECTIONS, sampler=sampler)
+    started = time.time()
+    study.optimize(fake_objective(3, fail_on=3), n_trials=12, catch=(RuntimeError,))
+    elapsed = time.time() - started
+    trials = study.trials
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 11
+    for t in trials[7:]:  # proposals of the model (startup counted on COMPLETE + RUNNING trials)
+        assert set(t.params) == set(DISTS)
+        assert all(DISTS[k]._contains(DISTS[k].to_internal_repr(v)) for k, v in t.params.items())
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert all(t.constraints == {"0": t.user_attrs["constraints"][0]} for t in done)  # recorded for Optuna
+    front = front_trials(study)
+    assert front and all(t.user_attrs["constraints"][0] <= 0 for t in front)
+    assert {t.number for t in front} == {t.number for t in study.best_trials}
+    assert "proposal failed" not in caplog.text  # the model proposed, not the random fallback
+    assert elapsed < 90, f"12 trials took {elapsed:.0f}s"
+
+
+def test_botorch_single_objective(caplog: pytest.LogCaptureFixture) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    caplog.set_level(logging.WARNING, logger="autopeft.sampler")
+    sampler = make_sampler("botorch", seed=1, n_startup_trials=4, constraints=True, n_objectives=1)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(fake_objective(1), n_trials=6)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+    assert "proposal failed" not in caplog.text
+
+
+def test_botorch_falls_back_instead_of_crashing(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from autopeft.sampler import LogNEHVICandidates
+
+    bounds = torch.tensor([[-0.5, -0.5], [4.5, 1.5]], dtype=torch.float64)
+    x = torch.tensor([[1.0, 0.0], [2.0, 1.0], [3.0, 0.0]], dtype=torch.float64)
+    bad = torch.full((3, 2), float("nan"), dtype=torch.float64)  # nothing to learn from
+    out = LogNEHVICandidates()(x, bad, None, bounds, None)
+    assert out.shape == (1, 2) and bool(((out >= bounds[0]) & (out <= bounds[1])).all())
+    broken = torch.ones(3, 2, 2, dtype=torch.float64)  # wrong rank: the fit raises, the study must not
+    with caplog.at_level(logging.WARNING, logger="autopeft.sampler"):
+        out = LogNEHVICandidates()(x, broken, None, bounds, None)
+    assert out.shape == (1, 2) and "proposal failed" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["random", "tpe", "nsga2"])
+def test_seeded_reproducible(name: str) -> None:
+    def params(seed: int) -> list[dict]:
+        study = optuna.create_study(directions=DIRECTIONS, sampler=make_sampler(name, seed, 3, True, 3))
+        study.optimize(fake_objective(3), n_trials=8)
+        return [t.params for t in study.trials]
+
+    assert params(5) == params(5)
+    assert params(5) != params(6)
