@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", help="override the config's backbone: 'minilm', a local dir or a hub id")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
-                   help="fused Triton kernels: auto = on CUDA only")
+                   help="Triton kernels: on, off (PyTorch reference), auto = the faster per op as measured")
     t.add_argument("--json", action="store_true", help="print only the metrics as JSON")
 
     s = sub.add_parser("search", help="search PEFT configurations for a task (multi-objective Bayesian optimisation)")

@@ -303,7 +303,9 @@ class Tracker:
         name = self.experiment_name or f"autopeft/{attrs.get('task') or self.study_name}"
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            location = default_artifact_root(self.out_dir).as_uri() if self.embedded else None
+            # a database store without a server has no artifact root of its own: MLflow would default to
+            # ./mlruns in whatever directory the worker was started from, so keep artifacts under --out
+            location = None if _is_http(self.tracking_uri) else default_artifact_root(self.out_dir).as_uri()
             tags = {"autopeft.task": str(attrs.get("task", "")), **EXPERIMENT_KIND}
             try:
                 self.experiment_id = client.create_experiment(name, artifact_location=location, tags=tags)

@@ -1,8 +1,13 @@
 """Fused adapter ops (`autopeft.kernels`): Triton kernels on CUDA, their PyTorch references elsewhere.
 
-Every public op has one signature for both paths. `set_kernels("auto")` (the trainer's default) uses Triton
-for CUDA tensors when Triton is importable; "off" always uses the reference (for comparison and debugging);
-"on" insists on Triton (on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels).
+Every public op has one signature for both paths. "off" always uses the reference; "on" insists on Triton
+(on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels). "auto" (the trainer's default)
+picks, per op, the path that measured faster on an H100 (bench/kernels.py, bench/results/kernels-*.json):
+today that is the reference for every op. At encoder sizes a step is launch-bound, and our Triton GEMM with
+the low-rank epilogue costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it
+replaces, and is 35-60% slower than cuBLAS on large shapes; the reference instead folds the low-rank term
+into the base output with one accumulating cuBLAS GEMM (`addmm`), which removes the scale and add kernels.
+`AUTO_TRITON` lists the ops "auto" sends to Triton, so a kernel that wins a measurement is one line away.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 from autopeft.kernels import reference
 
 MODES = ("auto", "on", "off")
+#: ops that "auto" runs through Triton on CUDA (empty until a kernel beats the reference in bench/kernels.py)
+AUTO_TRITON: frozenset[str] = frozenset()
 _mode = "auto"
 
 
@@ -38,19 +45,19 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def _use_triton(x: torch.Tensor, name: str) -> bool:
     if _mode == "off":
         return False
     if _mode == "on":
         return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return x.is_cuda and triton_available()
+    return name in AUTO_TRITON and x.is_cuda and triton_available()
 
 
 def _dispatch(name: str) -> Callable[..., Any]:
     ref = getattr(reference, name)
 
     def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if _use_triton(x):
+        if _use_triton(x, name):
             from autopeft.kernels import fused  # imported on first use: triton is not needed on CPU
 
             fn = getattr(fused, name, None)

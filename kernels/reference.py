@@ -14,7 +14,19 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tan
 
 
 def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if t is None else t.to(like.dtype)
+    """Cast to the activation dtype, except under autocast, which casts GEMM operands itself: an explicit cast
+    there would turn a bf16 frozen weight into fp32 (LayerNorm outputs are fp32 under autocast) and back, two
+    full copies of the weight per call."""
+    if t is None or torch.is_autocast_enabled(like.device.type):
+        return t
+    return t.to(like.dtype)
+
+
+def _add_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y + scaling * xa @ B^T as one GEMM accumulating into y (cuBLAS beta=1): no separate scale and add
+    kernels, forward or backward, which is most of the cost of LoRA at encoder sizes (launch-bound)."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.t(), alpha=scaling)
+    return out.view(y.shape)
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
@@ -22,7 +34,8 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: tor
     """y = x W^T + b + scaling * dropout(x) A^T B^T, with A (r, in) and B (out, r) as in HF PEFT."""
     y = F.linear(x, _cast(w, x), _cast(b, x))
     xd = F.dropout(x, dropout, training) if dropout and training else x
-    return y + scaling * F.linear(F.linear(xd, _cast(A, x)), _cast(B, x))
+    xa = F.linear(xd, _cast(A, x))
+    return _add_low_rank(y, xa, _cast(B, xa), scaling)
 
 
 def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], As: list[torch.Tensor],
@@ -32,7 +45,8 @@ def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Te
     outs, start = [], 0
     for w, b, a, bb, s in zip(ws, bs, As, Bs, scalings, strict=True):
         r = a.shape[0]
-        outs.append(F.linear(x, _cast(w, x), _cast(b, x)) + s * F.linear(xa[..., start:start + r], _cast(bb, x)))
+        part = xa[..., start:start + r]
+        outs.append(_add_low_rank(F.linear(x, _cast(w, x), _cast(b, x)), part, _cast(bb, part), s))
         start += r
     return outs
 
@@ -43,8 +57,9 @@ def dora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: tor
     w_eff = w.to(torch.float32) + scaling * (B.to(torch.float32) @ A.to(torch.float32))
     norm = w_eff.norm(p=2, dim=1).detach()
     scale = (magnitude.to(torch.float32) / norm).to(x.dtype)
-    y = F.linear(x, _cast(w, x)) + scaling * F.linear(F.linear(x, _cast(A, x)), _cast(B, x))
-    y = y * scale
+    xa = F.linear(x, _cast(A, x))
+    y = _add_low_rank(F.linear(x, _cast(w, x)), xa, _cast(B, xa), scaling)
+    y = y * scale.to(y.dtype)
     return y + _cast(b, x) if b is not None else y
 
 
@@ -55,13 +70,14 @@ def bottleneck_adapter(x: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tens
     adapters to the frozen block's output."""
     h = ACTIVATIONS[activation](F.linear(x, _cast(down_w, x), _cast(down_b, x)))
     base = x if residual is None else residual
-    return base + scale * F.linear(h, _cast(up_w, x), _cast(up_b, x))
+    up = F.linear(h, _cast(up_w, x), _cast(up_b, x))
+    return base + up if scale == 1.0 else torch.add(base, up, alpha=scale)
 
 
 def ia3_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale_out: torch.Tensor | None = None,
                scale_in: torch.Tensor | None = None) -> torch.Tensor:
     """IA3: the input (o, ffn_out) or the output (q, k, v, ffn_in) of a frozen linear rescaled per feature."""
     if scale_in is not None:
-        x = x * _cast(scale_in, x)
+        x = x * scale_in.to(x.dtype)
     y = F.linear(x, _cast(w, x), _cast(b, x))
-    return y * _cast(scale_out, y) if scale_out is not None else y
+    return y * scale_out.to(y.dtype) if scale_out is not None else y

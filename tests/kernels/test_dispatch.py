@@ -1,0 +1,54 @@
+"""Which path an op takes: "off" and "auto" on CPU tensors never reach the Triton module, "on" does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autopeft import kernels
+from autopeft.kernels import fused
+
+OPS = ["lora_linear", "lora_linear_multi", "dora_linear", "bottleneck_adapter", "ia3_linear"]
+
+
+def _args(name: str) -> list:
+    x, w, b, A, B = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.randn(6, 2)
+    return {
+        "lora_linear": [x, w, b, A, B, 1.0],
+        "lora_linear_multi": [x, [w], [b], [A], [B], [1.0]],
+        "dora_linear": [x, w, b, A, B, torch.rand(6) + 0.5, 1.0],
+        "bottleneck_adapter": [x, torch.randn(3, 8), torch.randn(3), torch.randn(8, 3), torch.randn(8)],
+        "ia3_linear": [x, w, b, torch.randn(6)],
+    }[name]
+
+
+@pytest.fixture
+def fused_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the Triton path was taken")
+
+    for name in OPS:
+        monkeypatch.setattr(fused, name, boom)
+
+
+@pytest.mark.parametrize("mode", ["off", "auto"])
+@pytest.mark.parametrize("name", OPS)
+def test_cpu_modes_use_reference(mode: str, name: str, fused_raises: None) -> None:
+    kernels.set_kernels(mode)
+    args = _args(name)
+    got = getattr(kernels, name)(*args)
+    want = getattr(kernels.reference, name)(*args)
+    for g, r in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_on_uses_triton(name: str, fused_raises: None) -> None:
+    kernels.set_kernels("on")
+    with pytest.raises(AssertionError, match="Triton path"):
+        getattr(kernels, name)(*_args(name))
+
+
+def test_unknown_mode() -> None:
+    with pytest.raises(ValueError):
+        kernels.set_kernels("fast")
