@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import inspect
 import sys
 import traceback
@@ -29,8 +30,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, time_cuda, write_results
+# This file's own folder must not be on sys.path: transformers probes for the hub package `kernels`, and
+# would import this very script under that name. `common` is loaded from its path instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+device_name, time_cuda, write_results = _common.device_name, _common.time_cuda, _common.write_results
 
 ALL_MODULES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 HF_TARGETS = {
