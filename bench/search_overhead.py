@@ -4,8 +4,13 @@ A proposal (GP fit + qLogNEHVI optimisation) is paid before every trial, so it m
 trial's training time as a study grows. The history is synthetic (a fast fake objective over mixed.yaml at
 6 layers, with a size constraint), so only the sampler is measured.
 
-    python bench/search_overhead.py                       # 10, 50, 100 trials, 3 proposals each
-    python bench/search_overhead.py --trials 10 50 100 200 --proposals 5
+    python bench/search_overhead.py                       # 20, 50, 100 trials, median of 5 proposals each
+    python bench/search_overhead.py --study-out autopeft-runs   # + the service overhead of a finished study
+
+`--study-out DIR` reads a study that `autopeft search` ran (DIR/optuna.db) and splits its wall time into
+training + evaluation (measured inside each trial) and everything else: proposals, storage, model loading
+and injection, tokenisation, saving weights, MLflow logging and the Pareto report. That "everything else"
+over the study's wall time is `overhead_fraction`.
 
 Writes bench/results/search_overhead-<device>-<date>.json (see DESIGN.md) and prints the summary last.
 """
@@ -65,10 +70,32 @@ def measure(n_trials: int, proposals: int, layers: int, seed: int) -> dict:
             "median_s": statistics.median(seconds), "max_s": max(seconds), "all_s": [round(s, 3) for s in seconds]}
 
 
+def study_overhead(out_dir: str, study_name: str | None) -> dict:
+    """Wall time of a finished study vs. the training + evaluation seconds its trials measured."""
+    storage = f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    study = optuna.load_study(study_name=study_name or names[0], storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and "train_seconds" in t.user_attrs]
+    if not done:
+        raise SystemExit(f"no complete trials with measurements in {storage}")
+    start = min(t.datetime_start for t in study.trials if t.datetime_start)
+    end = max(t.datetime_complete for t in study.trials if t.datetime_complete)
+    wall = (end - start).total_seconds()
+    work = sum(t.user_attrs["train_seconds"] + t.user_attrs.get("eval_seconds", 0.0) for t in done)
+    in_trial = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+    return {"study": study.study_name, "complete_trials": len(done), "wall_s": round(wall, 1),
+            "train_eval_s": round(work, 1), "in_trial_overhead_s": round(in_trial - work, 1),
+            "between_trials_s": round(wall - in_trial, 1), "overhead_fraction": round(1 - work / wall, 4),
+            "mean_trial_s": round(in_trial / len(done), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, nargs="+", default=[10, 50, 100])
-    ap.add_argument("--proposals", type=int, default=3)
+    ap.add_argument("--trials", type=int, nargs="+", default=[20, 50, 100])
+    ap.add_argument("--proposals", type=int, default=5)
+    ap.add_argument("--study-out", help="--out dir of a finished `autopeft search` (adds overhead_fraction)")
+    ap.add_argument("--study", help="study name in that dir (default: the first)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -81,13 +108,20 @@ def main() -> None:
         print(f"{n:4d} completed trials, {row['dims']} dims: median {row['median_s']:.2f}s, "
               f"max {row['max_s']:.2f}s per proposal", flush=True)
     summary = {f"proposal_s_at_{r['completed_trials']}": round(r["median_s"], 3) for r in rows}
+    notes = "BoTorch qLogNEHVI proposal time on a synthetic history over mixed.yaml; CPU, one thread"
+    if args.study_out:
+        row = study_overhead(args.study_out, args.study)
+        rows.append(row)
+        summary["overhead_fraction"] = row["overhead_fraction"]
+        notes += (f"; overhead_fraction from study {row['study']} ({row['complete_trials']} complete trials, "
+                  f"{row['wall_s']} s wall): 1 - (train + eval seconds) / wall")
+        print(f"study {row['study']}: {row}", flush=True)
     try:
         from common import write_results
     except ImportError:  # a checkout without bench/common.py: print only
         print("summary:", summary)
         return
-    write_results("search_overhead", rows, summary, device="cpu",
-                  notes="BoTorch qLogNEHVI proposal time on a synthetic history over mixed.yaml; CPU, one thread")
+    write_results("search_overhead", rows, summary, device="cpu", notes=notes)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ from autopeft.errors import UserError
 from autopeft.search import SearchOptions, parse_max_params, run_search
 from autopeft.spec import Fidelity
 from autopeft.train import DataOptions
-from tests.test_train import write_sentiment_csv
+from tests.test_train import toy_options
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
-    d = tmp_path_factory.mktemp("search-toy")
-    return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 240, 0)),
-                       dev_file=str(write_sentiment_csv(d / "dev.csv", 60, 1)),
-                       text_column="review", label_column="label")
+    return toy_options(tmp_path_factory.mktemp("search-toy"), 240, 60)
 
 
 def options(tmp_path: Path, backbone: Path, data: DataOptions, **kw: object) -> SearchOptions:

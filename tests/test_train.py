@@ -27,12 +27,16 @@ def write_sentiment_csv(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def toy_options(d: Path, n_train: int, n_dev: int) -> DataOptions:
+    """The toy task as a user's CSV files (train seed 0, dev seed 1) in `d`."""
+    return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", n_train, 0)),
+                       dev_file=str(write_sentiment_csv(d / "dev.csv", n_dev, 1)),
+                       text_column="review", label_column="label")
+
+
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
-    d = tmp_path_factory.mktemp("toy")
-    return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 400, 0)),
-                       dev_file=str(write_sentiment_csv(d / "dev.csv", 120, 1)),
-                       text_column="review", label_column="label")
+    return toy_options(tmp_path_factory.mktemp("toy"), 400, 120)
 
 
 def cfg(backbone: Path, data: DataOptions, spec: dict, **fid: object) -> TrialConfig:

@@ -21,17 +21,14 @@ from autopeft.spec import Fidelity
 from autopeft.train import DataOptions
 from autopeft.worker import FAIL_REASON, RETRY_OF, SHADOW_ATTR, WORKER_ATTR, fail_reason
 from tests.postgres import free_port
-from tests.test_train import write_sentiment_csv
+from tests.test_train import toy_options
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
-    d = tmp_path_factory.mktemp("worker-toy")
-    return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 120, 0)),
-                       dev_file=str(write_sentiment_csv(d / "dev.csv", 30, 1)),
-                       text_column="review", label_column="label")
+    return toy_options(tmp_path_factory.mktemp("worker-toy"), 120, 30)
 
 
 def options(tmp_path: Path, backbone: Path, data: DataOptions, url: str, **kw: object) -> SearchOptions:
