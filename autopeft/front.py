@@ -35,9 +35,14 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One dict per front trial (fewest parameters first): what `front --json` prints and exports pick from."""
     from autopeft.pareto import front_trials
 
-    rows = []
-    for t in front_trials(study):
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, dict[str, Any]] = {}
+    for t in sorted(front_trials(study), key=lambda t: t.number):
         a = t.user_attrs
+        key = json.dumps(a.get("spec"), sort_keys=True)
+        if key in seen:  # the same configuration proposed again: one row, naming its repeats
+            seen[key]["same_as"].append(t.number)
+            continue
         rows.append({
             "trial": t.number,
             "metric_name": a.get("metric_name"),
@@ -49,7 +54,9 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "train_seconds": a.get("train_seconds"),
             "spec_summary": a.get("spec_summary"),
             "spec": a.get("spec"),
+            "same_as": [],
         })
+        seen[key] = rows[-1]
     return sorted(rows, key=lambda r: (r["params"] or 0, -(r["metric"] or 0)))
 
 
@@ -57,10 +64,16 @@ def format_front(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no completed feasible trials yet"
     name = rows[0]["metric_name"] or "metric"
-    body = [(r["trial"], f"{r['metric']:.4f}", f"{r['dev_metric']:.4f}" if r["dev_metric"] is not None else "-",
+    body = [(_trial_label(r), f"{r['metric']:.4f}", f"{r['dev_metric']:.4f}" if r["dev_metric"] is not None else "-",
              fmt_params(r["params"]), f"{r['params_pct']:.3f}%", f"{r['memory_mb']:.0f}", r["spec_summary"])
             for r in rows]
-    return table(body, ("trial", f"{name} (held-out)", f"dev {name}", "params", "% backbone", "MiB", "spec"))
+    return table(body, ("trial", f"{name} (held-out)", f"dev {name}", "params", "% backbone", "MiB", "spec"),
+                 left=(0, 6))
+
+
+def _trial_label(row: dict[str, Any]) -> str:
+    same = row.get("same_as") or []
+    return f"{row['trial']} (= {', '.join(map(str, same))})" if same else str(row["trial"])
 
 
 def front_command(study: str, *, out: str | None = None, storage: str | None = None, as_json: bool = False) -> None:

@@ -14,11 +14,12 @@ def fmt_params(n: float) -> str:
     return str(int(n))
 
 
-def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+def table(rows: Sequence[Sequence[object]], header: Sequence[str], left: Sequence[int] = (0,)) -> str:
+    """Numbers right-aligned so digits line up; the columns in `left` (names, specs) left-aligned."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+    line = lambda r: "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join(line(r).rstrip() for r in [cells[0], ["-" * w for w in widths], *cells[1:]])
 
 
 def metrics_table(m: Metrics, spec_summary: str) -> str:

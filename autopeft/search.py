@@ -353,6 +353,9 @@ def objective(prepared: Study, on_done: Callable[[FrozenTrial | None, Metrics | 
         from autopeft import train
         from autopeft.worker import record_infeasible
 
+        twin = completed_twin(trial, spec.to_dict())
+        if twin is not None:
+            return reuse_twin(trial, twin)
         token = train.CURRENT_TRIAL.set(trial.number)  # for AUTOPEFT_INJECT_FAULT (tests and drills)
         try:
             try:
@@ -392,6 +395,37 @@ def objective(prepared: Study, on_done: Callable[[FrozenTrial | None, Metrics | 
     return run
 
 
+#: user attribute naming the earlier trial whose measurements a repeated configuration reuses
+DUPLICATE_OF = "autopeft.duplicate_of"
+#: user attribute of a COMPLETE stand-in that tells the sampler a trial was infeasible (OOM; see autopeft.worker)
+SHADOW_ATTR = "autopeft.shadow_of"
+_MEASURED = ("metric_name", "metric", "dev_metric", "trainable_params", "trainable_pct", "backbone_params",
+             "peak_memory_mb", "train_seconds", "eval_seconds", "tokens_per_s", "train_loss", "steps", "extra",
+             "weights_path", "loss_curve", "loss_curve_stride", "constraints")
+
+
+def completed_twin(trial: optuna.Trial, spec: dict[str, Any]) -> FrozenTrial | None:
+    """A COMPLETE trial of this study with exactly this spec (same study = same fidelity, data and seed).
+
+    The sampler can propose a configuration twice (most often the head-only point, which sits on every front).
+    Training it again would reproduce the same numbers at the cost of a whole trial, so its measurements are
+    reused instead; the trial says so (`autopeft.duplicate_of`) and still counts towards the budget.
+    """
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != trial.number and t.user_attrs.get("spec") == spec and "metric" in t.user_attrs \
+                and SHADOW_ATTR not in t.user_attrs:
+            return t
+    return None
+
+
+def reuse_twin(trial: optuna.Trial, twin: FrozenTrial) -> list[float]:
+    for key in _MEASURED:
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    trial.set_user_attr(DUPLICATE_OF, twin.user_attrs.get(DUPLICATE_OF, twin.number))
+    return list(twin.values)
+
+
 def trial_dir(opts: SearchOptions, number: int) -> Path:
     return (Path(opts.out) / "artifacts" / opts.study_name / f"trial-{number}").resolve()
 
@@ -412,8 +446,6 @@ def save_trial_weights(opts: SearchOptions, number: int, model: Any) -> Path:
 
 def completed(study: optuna.Study) -> int:
     """COMPLETE trials toward the budget (the COMPLETE stand-ins of OOM trials, `autopeft.shadow_of`, excluded)."""
-    from autopeft.worker import SHADOW_ATTR
-
     return sum(SHADOW_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 

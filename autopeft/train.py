@@ -9,6 +9,7 @@ reason, so the search records it and goes on.
 from __future__ import annotations
 
 import contextvars
+import ctypes
 import math
 import os
 import random
@@ -133,9 +134,37 @@ def collate(ids: list[list[int]], idx: Sequence[int], pad_id: int, device: torch
 
 
 # ----- measurement ------------------------------------------------------------------------------------------
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_in_use_reader() -> Callable[[], int] | None:
+    """Bytes the process's malloc has handed out and not taken back (glibc `mallinfo2`), or None elsewhere.
+
+    CPU tensors live on the malloc heap. Unlike the resident set, which glibc rarely gives back to the OS, this
+    falls when a trial frees its activations, so a later trial's peak is its own and not the high-water mark
+    left by an earlier one (with RSS every trial after the first measured the same ~60 MiB).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def read() -> int:
+        info = fn()
+        return int(info.uordblks + info.hblkhd)  # small-block bytes in use + mmap-ed large blocks
+
+    return read
+
+
 class PeakMemory:
-    """Peak memory of the trial in MiB: the CUDA allocator's peak, or on CPU the peak resident set over a
-    baseline taken at start (sampled every 5 ms in a thread, since ru_maxrss never goes down between trials)."""
+    """Peak memory of the trial in MiB: the CUDA allocator's peak (the whole footprint on the device), or on CPU
+    the peak growth of the malloc heap in use over its level at start (sampled every 5 ms in a thread), or of
+    the resident set where the C library cannot tell heap use."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -149,15 +178,21 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            import psutil
+            read = _heap_in_use_reader()
+            if read is None:
+                import psutil
 
-            proc = psutil.Process()
-            self._base = proc.memory_info().rss
-            self._peak = self._base
+                proc = psutil.Process()
+
+                def read() -> int:
+                    return proc.memory_info().rss
+
+            self._read = read
+            self._base = self._peak = read()
 
             def sample() -> None:
                 while not self._stop.wait(0.005):
-                    self._peak = max(self._peak, proc.memory_info().rss)
+                    self._peak = max(self._peak, read())
 
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
@@ -172,10 +207,8 @@ class PeakMemory:
             self._stop.set()
             assert self._thread is not None
             self._thread.join()
-            import psutil
-
-            self._peak = max(self._peak, psutil.Process().memory_info().rss)
-            self.peak_mb = (self._peak - self._base) / 2**20
+            self._peak = max(self._peak, self._read())
+            self.peak_mb = max(0, self._peak - self._base) / 2**20
 
 
 def _memory_at_failure(device: torch.device, mem: PeakMemory | None) -> float | None:

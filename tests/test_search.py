@@ -141,3 +141,23 @@ def test_max_params_forms() -> None:
     assert parse_max_params("1234", 10) == 1234
     with pytest.raises(UserError):
         parse_max_params("-3", 10)
+
+
+def test_a_repeated_configuration_reuses_its_twin(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler may propose a config twice; the second trial reuses the first's measurements, untrained."""
+    import random
+
+    from autopeft import search
+
+    prepared = search.prepare(options(tmp_path, tiny_backbone_dir, toy, n_startup_trials=0))
+    params = prepared.space.random_params(random.Random(3), prepared.num_layers)
+    prepared.study.enqueue_trial(params)
+    prepared.study.enqueue_trial(params)
+    calls = []
+    real = search.run_trial
+    monkeypatch.setattr(search, "run_trial", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepared.study.optimize(search.objective(prepared), n_trials=2)
+    first, second = prepared.study.trials
+    assert len(calls) == 1 and second.user_attrs[search.DUPLICATE_OF] == first.number
+    assert second.values == first.values and second.user_attrs["weights_path"] == first.user_attrs["weights_path"]

@@ -10,7 +10,7 @@ import torch
 
 from autopeft.errors import TrialFailed
 from autopeft.spec import Fidelity, PeftSpec
-from autopeft.train import DataOptions, TrialConfig, length_bucketed_batches, run_trial, train_and_evaluate
+from autopeft.train import DataOptions, PeakMemory, TrialConfig, length_bucketed_batches, run_trial, train_and_evaluate
 
 WORDS = {1: ["great", "superb", "lovely", "fun", "moving"], 0: ["awful", "dull", "boring", "bad", "tedious"]}
 
@@ -103,3 +103,18 @@ def test_length_buckets_cover_every_example_once() -> None:
     # bucketing keeps padding low: within a batch lengths are close
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 10
+
+
+def test_cpu_peak_memory_sees_a_transient_and_does_not_carry_it_over() -> None:
+    """A trial's memory is its own: a 64 MiB transient counts inside, and a later trial is not charged for it."""
+    import time
+
+    cpu = torch.device("cpu")
+    with PeakMemory(cpu) as first:
+        big = torch.ones(16 * 2**20)  # 64 MiB, freed before the context ends
+        time.sleep(0.05)
+        del big
+    with PeakMemory(cpu) as second:
+        time.sleep(0.05)
+    assert 60 <= first.peak_mb <= 80, first.peak_mb
+    assert second.peak_mb < 8, second.peak_mb
