@@ -355,6 +355,9 @@ def objective(prepared: Study, on_done: Callable[[FrozenTrial | None, Metrics | 
 
         twin = completed_twin(trial, spec.to_dict())
         if twin is not None:
+            fresh = fresh_point(prepared, trial)
+            if fresh is not None:  # the next trial explores instead of proposing the same region again
+                trial.study.enqueue_trial(fresh, skip_if_exists=True)
             return reuse_twin(trial, twin)
         token = train.CURRENT_TRIAL.set(trial.number)  # for AUTOPEFT_INJECT_FAULT (tests and drills)
         try:
@@ -415,6 +418,29 @@ def completed_twin(trial: optuna.Trial, spec: dict[str, Any]) -> FrozenTrial | N
         if t.number != trial.number and t.user_attrs.get("spec") == spec and "metric" in t.user_attrs \
                 and SHADOW_ATTR not in t.user_attrs:
             return t
+    return None
+
+
+def fresh_point(prepared: Study, trial: optuna.Trial, tries: int = 200) -> dict[str, Any] | None:
+    """A seeded random point whose configuration no trial has had yet and that meets --max-params.
+
+    A repeat usually means the acquisition's continuous optimum rounded onto a degenerate region of the space
+    (every layer bit off decodes to the same head-only spec, whatever the sizes), and the next proposal would
+    land there again. One random, new configuration after each repeat keeps the search moving.
+    """
+    import json
+    import random
+
+    known = {json.dumps(t.user_attrs.get("spec"), sort_keys=True)
+             for t in trial.study.get_trials(deepcopy=False) if "spec" in t.user_attrs}
+    rng = random.Random(prepared.opts.seed * 100_003 + trial.number)
+    for _ in range(tries):
+        params = prepared.space.random_params(rng, prepared.num_layers)
+        spec = prepared.space.decode(params, prepared.num_layers)
+        if prepared.max_params is not None and prepared.params_of(spec) > prepared.max_params:
+            continue
+        if json.dumps(spec.to_dict(), sort_keys=True) not in known:
+            return params
     return None
 
 

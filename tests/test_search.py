@@ -158,6 +158,10 @@ def test_a_repeated_configuration_reuses_its_twin(tmp_path: Path, tiny_backbone_
     real = search.run_trial
     monkeypatch.setattr(search, "run_trial", lambda *a, **k: calls.append(1) or real(*a, **k))
     prepared.study.optimize(search.objective(prepared), n_trials=2)
-    first, second = prepared.study.trials
+    first, second = prepared.study.trials[:2]
     assert len(calls) == 1 and second.user_attrs[search.DUPLICATE_OF] == first.number
     assert second.values == first.values and second.user_attrs["weights_path"] == first.user_attrs["weights_path"]
+    waiting = prepared.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1  # a new configuration is queued so the search does not stall on the repeat
+    queued = waiting[0].system_attrs["fixed_params"]
+    assert prepared.space.decode(queued, prepared.num_layers).to_dict() != first.user_attrs["spec"]
