@@ -412,7 +412,7 @@ def completed_twin(trial: optuna.Trial, spec: dict[str, Any]) -> FrozenTrial | N
 
     The sampler can propose a configuration twice (most often the head-only point, which sits on every front).
     Training it again would reproduce the same numbers at the cost of a whole trial, so its measurements are
-    reused instead; the trial says so (`autopeft.duplicate_of`) and still counts towards the budget.
+    reused instead; the trial says so (`autopeft.duplicate_of`) and does not count towards the budget.
     """
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.number != trial.number and t.user_attrs.get("spec") == spec and "metric" in t.user_attrs \
@@ -471,8 +471,11 @@ def save_trial_weights(opts: SearchOptions, number: int, model: Any) -> Path:
 
 
 def completed(study: optuna.Study) -> int:
-    """COMPLETE trials toward the budget (the COMPLETE stand-ins of OOM trials, `autopeft.shadow_of`, excluded)."""
-    return sum(SHADOW_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """COMPLETE trials toward the budget: the COMPLETE stand-ins of OOM trials (`autopeft.shadow_of`) and repeats
+    of an earlier configuration (`autopeft.duplicate_of`, which trained nothing) do not count, so a budget of N
+    is N configurations actually trained."""
+    return sum(SHADOW_ATTR not in t.user_attrs and DUPLICATE_OF not in t.user_attrs
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> optuna.Study:
@@ -508,7 +511,10 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
                disable=not opts.progress or not sys.stderr.isatty())
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE:
+        if trial.state == TrialState.COMPLETE and DUPLICATE_OF in trial.user_attrs:
+            line = (f"trial {trial.number:3d}  repeats trial {trial.user_attrs[DUPLICATE_OF]}'s configuration: "
+                    "its measurements are reused, nothing trained, not counted; a new configuration is queued")
+        elif trial.state == TrialState.COMPLETE:
             bar.update(1)
             a = trial.user_attrs
             line = (f"trial {trial.number:3d}  {a.get('metric_name', 'metric')} {a.get('metric', float('nan')):.4f}"
