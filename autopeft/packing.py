@@ -1,0 +1,705 @@
+"""Trial packing: several trials trained at once on one shared, frozen backbone.
+
+A search trial on an encoder is small: the frozen backbone is almost all of the work and all of the memory,
+and every trial of a study uses the same one. So K trials can share it: each step, the K trials' micro-batches
+are concatenated into one packed batch (padded to the widest), every frozen GEMM runs once over the whole pack,
+and only the adapter terms are computed per trial, on that trial's rows ("segments"), as multi-LoRA systems do
+(Punica and S-LoRA for serving, mLoRA/ASPEN for training). Everything else stays per trial and fully
+independent: its own data order (the very seeded batches `train.run_trial` would draw), loss (the sum of the
+per-trial mean losses is back-propagated once; the parameters are disjoint and every backbone op is row-wise,
+so each trial's gradient is exactly its own), AdamW with its per-method groups, warm-up + linear decay, gradient
+clipping over its own parameters, step count, metrics. A trial whose loss turns non-finite leaves the pack
+(`TrialFailed("nan")` for it) and the others go on.
+
+How a pack is built, so that packed and sequential training are the same computation:
+
+* Each trial gets its own model exactly as `run_trial` makes it (seed, load, seed, `inject`), so adapter and
+  head initialisation match bit for bit; then every frozen parameter of it is swapped for the shared
+  backbone's tensor, so a trial costs only its trainable tensors. That per-trial model is what evaluation runs
+  and what `TrialResult.model` returns (export and saving work unchanged).
+* The packed model is the shared backbone with, at each site some trial adapts, a segmented module:
+  `PackedLinear` (one base GEMM over the pack, then per segment the trial's LoRA / DoRA / IA3 / BitFit-bias
+  term with the same reference math as `autopeft.kernels.reference`), `SegmentedModule` (per segment, the
+  trial's own module: BitFit LayerNorms, the classification heads), forward hooks applying each trial's
+  serial / parallel adapters to its rows, and an attention function that runs each segment with its trial's
+  prefix (attention is per example anyway, so segmenting it costs launches, not FLOPs).
+* The per-segment adapter terms are a Python loop over segments with slicing: the plain-PyTorch "segmented"
+  reference. A grouped (one-launch) Triton kernel over the segments is not written yet; at encoder sizes with
+  K <= 16 the loop's extra launches are small next to the shared GEMMs it saves.
+
+Every method packs, with these caveats: dropout (LoRA dropout, or a backbone's own dropout) draws from one RNG
+stream in a different order than sequential runs would, so with dropout on, packed trials are statistically,
+not bitwise, the same as sequential ones; and `peak_memory_mb` of a packed trial is measured on one
+standalone step of that trial on the shared backbone (see `_probe_memory`), since the pack's own peak belongs
+to all of its trials (it is reported as `PackStats.peak_memory_mb`).
+
+Not wired yet: the worker still runs one trial at a time. Packing there means asking the study for K trials
+before telling any (BoTorch's sampler already treats RUNNING trials as pending points, i.e. sequential-greedy
+q-batch acquisition), `train_pack` on them with `plan_pack_size` choosing K, and telling each its own result.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopeft import kernels
+from autopeft.errors import TrialFailed, UserError
+from autopeft.kernels.reference import _add_low_rank, _cast
+from autopeft.models import architecture_of, get_layers, load_backbone, resolve_backbone
+from autopeft.peft import inject
+from autopeft.peft.linear import PeftLinear
+from autopeft.peft.prefix import PrefixKV, prefix_attention
+from autopeft.spec import Metrics, PeftSpec
+from autopeft.tasks import TaskData, holdout_split
+from autopeft.train import (
+    CURRENT_TRIAL,
+    FAULT_ENV,
+    PeakMemory,
+    TrialConfig,
+    TrialResult,
+    _memory_at_failure,
+    _null,
+    _param_groups,
+    _seed_everything,
+    collate,
+    evaluate,
+    injected_fault,
+    length_bucketed_batches,
+    pick_device,
+    tokenize,
+)
+
+PACKED_ATTENTION = "autopeft_packed"
+_registered = False
+
+
+# ----- the segments of a packed batch -------------------------------------------------------------------------
+class PackState:
+    """Which rows of the current packed batch belong to which trial slot, shared by every packed module.
+
+    `segments` is a list of (slot, start, stop), contiguous and in row order, covering the whole batch.
+    `captured` carries a block's input from a pre-hook to the post-hook of a parallel adapter.
+    """
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, int, int]] = []
+        self.captured: dict[int, torch.Tensor] = {}
+
+
+def _slice(t: torch.Tensor | None, start: int, stop: int, rows: int) -> torch.Tensor | None:
+    """Rows [start, stop) of a per-example tensor; a tensor broadcast over the batch (dim 0 of 1) stays whole."""
+    if t is None or t.dim() == 0 or t.shape[0] != rows:
+        return t
+    return t[start:stop]
+
+
+class PackedLinear(nn.Module):
+    """A frozen nn.Linear shared by K trials, each of which may carry LoRA / DoRA / IA3 / a BitFit bias here.
+
+    The frozen GEMM x W^T runs once over the whole pack (after IA3 input scaling, which is per segment); the
+    rest is per segment with the exact operations of `autopeft.kernels.reference` (so a pack of one is the
+    unpacked computation). `slots[k]` is trial k's own module at this path (a `PeftLinear`, or the plain
+    nn.Linear whose bias BitFit may train); their weights are the shared one.
+    """
+
+    def __init__(self, base: nn.Linear, slots: Sequence[nn.Module], state: PackState) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.slots = nn.ModuleList(slots)
+        self.state = state
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # the bias joins the shared GEMM only when every trial uses the frozen one and none is DoRA (whose bias
+        # comes after the magnitude rescaling); otherwise each segment adds its own, as the reference would
+        self.own_bias = any(self._bias(m) is not base.bias or (isinstance(m, PeftLinear) and m.dora)
+                            for m in slots)
+        self.scales_input = any(isinstance(m, PeftLinear) and m.ia3 == "in" for m in slots)
+        # LoRA and bias terms can accumulate straight into the shared output (no per-segment copy and cat); DoRA
+        # and IA3 on the output rescale it, which autograd needs out of place
+        self.in_place = not any(isinstance(m, PeftLinear) and (m.dora or m.ia3 == "out") for m in slots)
+
+    @staticmethod
+    def _bias(m: nn.Module) -> torch.Tensor | None:
+        return m.base_layer.bias if isinstance(m, PeftLinear) else m.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segments = self.state.segments
+        if not segments or segments[-1][2] != x.shape[0]:
+            raise RuntimeError("PackedLinear called without segments covering the batch (set PackState.segments)")
+        w = self.base_layer.weight
+        if self.scales_input:  # IA3 on the input: per segment, before the shared GEMM
+            x = torch.cat([x[s:e] * m.autopeft_ia3.to(x.dtype) if isinstance(m, PeftLinear) and m.ia3 == "in"
+                           else x[s:e] for m, s, e in ((self.slots[k], s, e) for k, s, e in segments)])
+        z = F.linear(x, _cast(w, x), None if self.own_bias else _cast(self.base_layer.bias, x))
+        if self.in_place:
+            return self._accumulate(x, z)
+        outs = []
+        for k, s, e in segments:
+            m, xk, y = self.slots[k], x[s:e], z[s:e]
+            b = self._bias(m)
+            peft = m if isinstance(m, PeftLinear) else None
+            if peft is not None and peft.dora:  # reference.dora_linear, from its bias-free GEMM on
+                A, B = peft.autopeft_lora_A, peft.autopeft_lora_B
+                w_eff = w.to(torch.float32) + peft.scaling * (B.to(torch.float32) @ A.to(torch.float32))
+                norm = w_eff.norm(p=2, dim=1).detach()
+                scale = (peft.autopeft_dora_magnitude.to(torch.float32) / norm).to(xk.dtype)
+                xa = F.linear(xk, _cast(A, xk))
+                y = _add_low_rank(y, xa, _cast(B, xa), peft.scaling) * scale.to(y.dtype)
+                y = y + _cast(b, xk) if b is not None else y
+            else:
+                if self.own_bias and b is not None:
+                    y = y + _cast(b, xk)
+                if peft is not None and peft.rank:  # reference.lora_linear
+                    xd = F.dropout(xk, peft.dropout, self.training) if peft.dropout and self.training else xk
+                    xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
+                    y = _add_low_rank(y, xa, _cast(peft.autopeft_lora_B, xa), peft.scaling)
+            if peft is not None and peft.ia3 == "out":
+                y = y * peft.autopeft_ia3.to(y.dtype)
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _accumulate(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """LoRA / bias segments added in place into the shared GEMM's output, one accumulating GEMM
+        (`addmm_`, beta=1) per LoRA segment as `reference._add_low_rank` does; untouched rows cost nothing."""
+        for k, s, e in self.state.segments:
+            m = self.slots[k]
+            peft = m if isinstance(m, PeftLinear) else None
+            b = self._bias(m)
+            seg = z[s:e]
+            if self.own_bias and b is not None:
+                seg.add_(b)
+            if peft is not None and peft.rank:
+                xk = x[s:e]
+                xd = F.dropout(xk, peft.dropout, self.training) if peft.dropout and self.training else xk
+                xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
+                seg.view(-1, seg.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]),
+                                                   peft.autopeft_lora_B.to(xa.dtype).t(), alpha=peft.scaling)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {len(self.slots)} trials"
+
+
+class SegmentedModule(nn.Module):
+    """Runs trial k's own module on trial k's rows: BitFit'd LayerNorms and the classification heads, where
+    there is no shared GEMM to save and the trial's module is the exact unpacked computation."""
+
+    def __init__(self, slots: Sequence[nn.Module], state: PackState) -> None:
+        super().__init__()
+        self.slots = nn.ModuleList(slots)
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.slots[k](x[s:e]) for k, s, e in self.state.segments]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function for a pack: each segment with its own trial's prefix (or none).
+
+    It calls `prefix.prefix_attention` itself per segment (through a view of the module that carries that
+    trial's prefix), so the packed math is the unpacked math by construction.
+    """
+    prefixes: list[PrefixKV | None] | None = getattr(module, "autopeft_packed_prefix", None)
+    state: PackState | None = getattr(module, "autopeft_pack_state", None)
+    if prefixes is None or state is None:
+        return prefix_attention(module, query, key, value, attention_mask, **kwargs)
+    rows, outs = query.shape[0], []
+    for k, s, e in state.segments:
+        view = _PrefixView(module, prefixes[k])
+        out, _ = prefix_attention(view, query[s:e], key[s:e], value[s:e], _slice(attention_mask, s, e, rows),
+                                  **kwargs)
+        outs.append(out)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+
+
+class _PrefixView:
+    """The attention module as `prefix_attention` sees it, with one trial's prefix (attributes pass through)."""
+
+    def __init__(self, module: nn.Module, prefix: PrefixKV | None) -> None:
+        self._module = module
+        self.autopeft_prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _use_packed_attention(model: nn.Module) -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        _registered = True
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
+# ----- building a pack ------------------------------------------------------------------------------------------
+def _own_params(m: nn.Module) -> bool:
+    return any(p.requires_grad for p in m.parameters(recurse=False))
+
+
+def _share_frozen(trial_model: nn.Module, shared: dict[str, nn.Parameter]) -> None:
+    """Point every frozen parameter of a trial's model at the shared backbone's (PeftLinear's `base_layer.`
+    is the only naming difference); the trial's own copies are dropped, so it costs only what it trains."""
+    for mod_name, mod in trial_model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or p.requires_grad:
+                continue
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            key = full.replace(".base_layer.", ".")
+            if key not in shared:
+                raise RuntimeError(f"packing: frozen parameter {full} has no counterpart in the shared backbone")
+            if shared[key].shape != p.shape:
+                raise RuntimeError(f"packing: {full} differs in shape from the shared backbone's {key}")
+            mod._parameters[pname] = shared[key]
+
+
+def build_packed_model(base: nn.Module, trial_models: Sequence[nn.Module], specs: Sequence[PeftSpec]) -> PackState:
+    """Turn `base` (a frozen backbone, not injected) into the packed model of `trial_models` in place.
+
+    Every site where some trial differs from the frozen backbone gets a segmented module; sites no trial
+    touches stay as they are and run once over the pack. Returns the `PackState` the model reads its segments
+    from (set `state.segments` before each forward).
+    """
+    arch = architecture_of(base)
+    state = PackState()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base_layers = get_layers(base)
+    trial_layers = [get_layers(m) for m in trial_models]
+    for i, layer in enumerate(base_layers):
+        # 1. modules whose parameters some trial changes: adapted linears, BitFit biases (linears, LayerNorms)
+        for path, mod in list(layer.named_modules()):
+            if not path or not list(mod.parameters(recurse=False)):
+                continue
+            slots = [tl[i].get_submodule(path) for tl in trial_layers]
+            if not any(isinstance(s, PeftLinear) or _own_params(s) for s in slots):
+                continue
+            parent, _, name = path.rpartition(".")
+            holder = layer.get_submodule(parent) if parent else layer
+            new = PackedLinear(mod, slots, state) if isinstance(mod, nn.Linear) else SegmentedModule(slots, state)
+            setattr(holder, name, new)
+        # 2. serial and parallel adapters: one post-hook per site, applying each trial's in its own order
+        ops: dict[str, dict[int, list]] = {}
+        capture = False
+        for k, (spec, tl) in enumerate(zip(specs, trial_layers, strict=True)):
+            tlayer = tl[i]
+            if spec.serial_adapter[i]:
+                sites = {"ffn": arch.ffn_out}
+                if spec.serial_position == "houlsby":
+                    sites = {"attn": arch.attn_out, **sites}
+                for site, path in sites.items():
+                    adapter = tlayer.get_submodule(f"autopeft_serial_{site}")
+                    ops.setdefault(path, {}).setdefault(k, []).append(_serial_op(adapter))
+            if spec.parallel_adapter[i]:
+                adapter = tlayer.get_submodule("autopeft_parallel")
+                ops.setdefault(arch.ffn_out, {}).setdefault(k, []).append(_parallel_op(adapter))
+                capture = True
+        if capture:
+            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_capture_hook(state, i))
+        for path, per_trial in ops.items():
+            layer.get_submodule(path).register_forward_hook(_segment_hook(state, per_trial, i if capture else None))
+        # 3. prefixes: the attention module learns each trial's (None where a trial has none here)
+        if any(spec.prefix[i] for spec in specs):
+            attention = layer.get_submodule(arch.attention)
+            attention.autopeft_packed_prefix = [tl[i].get_submodule(arch.attention).autopeft_prefix
+                                                if spec.prefix[i] else None
+                                                for spec, tl in zip(specs, trial_layers, strict=True)]
+            attention.autopeft_pack_state = state
+    # 4. heads: each trial its own
+    for name in arch.head:
+        if hasattr(base, name):
+            setattr(base, name, SegmentedModule([getattr(m, name) for m in trial_models], state))
+    if any(any(spec.prefix) for spec in specs):
+        _use_packed_attention(base)
+    base.autopeft_pack_state = state
+    return state
+
+
+def _serial_op(adapter: nn.Module):
+    return lambda y, x: adapter.apply(y)
+
+
+def _parallel_op(adapter: nn.Module):
+    return lambda y, x: adapter.apply(x, residual=y, scale=adapter.scale)
+
+
+def _capture_hook(state: PackState, layer: int):
+    def hook(module: nn.Module, args: Any) -> None:
+        state.captured[layer] = args[0]
+    return hook
+
+
+def _segment_hook(state: PackState, per_trial: dict[int, list], layer: int | None):
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        x = state.captured.pop(layer, None) if layer is not None else None
+        rows, pieces = out.shape[0], []
+        for k, s, e in state.segments:
+            y = out[s:e]
+            xk = _slice(x, s, e, rows)
+            for op in per_trial.get(k, ()):
+                y = op(y, xk)
+            pieces.append(y)
+        new = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return hook
+
+
+# ----- one trial inside a pack ---------------------------------------------------------------------------------
+@dataclass
+class _Trial:
+    """The per-trial half of `train.train_and_evaluate`: everything that is not the shared forward/backward."""
+
+    slot: int
+    cfg: TrialConfig
+    spec: PeftSpec
+    model: nn.Module
+    number: int | None
+    fault: str | None
+    train_ids: list[list[int]] = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    select_split: Any = None
+    batches: Iterator[list[int]] | None = None
+    total_steps: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: Any = None
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    step: int = 0
+    train_s: float = 0.0
+    widest: list[int] = field(default_factory=list)  # its batch of most (padded) tokens, for `_probe_memory`
+    widest_area: int = 0
+    failure: TrialFailed | None = None
+    result: TrialResult | None = None
+
+
+def _batch_stream(lengths: list[int], batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """`train_and_evaluate`'s batch order: a fresh length-bucketed shuffle per epoch from one seeded rng."""
+    while True:
+        yield from length_bucketed_batches(lengths, batch_size, rng)
+
+
+@dataclass
+class PackStats:
+    """The pack as a whole: what trial packing is measured by."""
+
+    size: int
+    train_seconds: float
+    tokens: int
+    peak_memory_mb: float
+    steps: int  # packed steps (forward/backward passes over the pack)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+@dataclass
+class Pack:
+    results: list[TrialResult | TrialFailed]
+    stats: PackStats
+
+
+def plan_pack_size(limit_mb: float, *, backbone_mb: float, per_trial_mb: float, max_size: int = 16) -> int:
+    """How many trials fit in `limit_mb`: the shared backbone once, plus `per_trial_mb` for each trial.
+
+    Estimate, then measure: a worker starts from an estimate of `per_trial_mb` (a trial's activations and
+    adapter state at its fidelity), trains a pack, and replans with the measured increment,
+    `(PackStats.peak_memory_mb - backbone_mb) / PackStats.size`. At least 1 (a trial that does not fit alone
+    runs, and fails `oom`, unpacked as before); at most `max_size`, past which the per-segment loop's launches
+    and the pack's padding cost more than the shared GEMMs save.
+    """
+    if per_trial_mb <= 0:
+        return max_size
+    return max(1, min(max_size, int((limit_mb - backbone_mb) // per_trial_mb)))
+
+
+def packable(spec: PeftSpec) -> str | None:
+    """None when the spec can join a pack, else why not. Every method packs today; kept as the one place a
+    method that cannot share the backbone's GEMMs would be refused (it would run unpacked)."""
+    return None
+
+
+def _check_compatible(configs: Sequence[TrialConfig]) -> None:
+    first = configs[0]
+    for c in configs[1:]:
+        if resolve_backbone(c.backbone) != resolve_backbone(first.backbone):
+            raise UserError("packed trials must share one backbone; pack trials of different backbones separately")
+        if c.task != first.task or c.data != first.data:
+            raise UserError("packed trials must share one task and data; pack trials of different tasks separately")
+
+
+def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, select: str = "dev",
+               heldout_fraction: float = 0.1, device: str | None = None, kernel_mode: str = "auto",
+               trial_numbers: Sequence[int | None] | None = None, memory_probe: bool = True) -> Pack:
+    """Train `configs` together on one shared frozen backbone; one result (or `TrialFailed`) per config, in order.
+
+    Each config trains exactly as `train.run_trial(config)` would (same seeds, data order, optimiser, schedule,
+    clipping, evaluation); see the module docstring for what is shared and what differs. `trial_numbers` are
+    the study's trial numbers (for `AUTOPEFT_INJECT_FAULT` drills); `select` and `heldout_fraction` are as in
+    `run_trial` and apply to every trial of the pack.
+    """
+    if not configs:
+        return Pack([], PackStats(0, 0.0, 0, 0.0, 0))
+    if select not in ("dev", "heldout"):
+        raise ValueError(f"select must be 'dev' or 'heldout', not {select!r}")
+    _check_compatible(configs)
+    numbers = list(trial_numbers) if trial_numbers is not None else [None] * len(configs)
+    if len(numbers) != len(configs):
+        raise ValueError("trial_numbers must have one entry per config")
+    task = task or configs[0].data.load(configs[0].task)
+    kernels.set_kernels(kernel_mode)
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    base, tokenizer = load_backbone(configs[0].backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+    shared = dict(base.named_parameters())
+    trials: list[_Trial] = []
+    for slot, (cfg, number) in enumerate(zip(configs, numbers, strict=True)):
+        _seed_everything(cfg.fidelity.seed)  # as run_trial: the head's init, then the adapters', from the seed
+        model, _ = load_backbone(cfg.backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+        spec = cfg.spec if isinstance(cfg.spec, PeftSpec) else PeftSpec.from_dict(
+            cfg.spec, num_layers=model.config.num_hidden_layers)
+        why = packable(spec)
+        if why:
+            raise UserError(f"spec {spec.summary()} cannot be packed: {why}")
+        _seed_everything(cfg.fidelity.seed)
+        info = inject(model, spec)
+        model.autopeft_backbone_params = info.backbone_params
+        _share_frozen(model, shared)
+        token = CURRENT_TRIAL.set(number)
+        try:
+            fault = injected_fault()
+        finally:
+            CURRENT_TRIAL.reset(token)
+        trials.append(_Trial(slot, cfg, spec, model, number, fault))
+    state = build_packed_model(base, [t.model for t in trials], [t.spec for t in trials])
+    base.to(dev)
+    cache_tag = (resolve_backbone(configs[0].backbone), task.name, task.source)
+    for t in trials:
+        _prepare(t, task, tokenizer, select, heldout_fraction, dev, cache_tag)
+    pad_id = tokenizer.pad_token_id
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    base.train()
+    active = [t for t in trials if t.total_steps > 0]
+    tokens = packed_steps = 0
+    mem: PeakMemory | None = None
+    try:
+        with PeakMemory(dev) as mem:
+            t0 = time.perf_counter()
+            while active:
+                batches = [(t, next(t.batches)) for t in active]
+                input_ids, mask, segments = _collate_pack(batches, pad_id)
+                input_ids, mask = input_ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+                state.segments = segments
+                with autocast:
+                    logits = base(input_ids=input_ids, attention_mask=mask).logits
+                    losses = [_loss(base, logits[s:e], t.labels[idx].to(dev))
+                              for (t, idx), (_, s, e) in zip(batches, segments, strict=True)]
+                    losses = [loss * float("nan") if t.fault == "nan" else loss
+                              for (t, _), loss in zip(batches, losses, strict=True)]
+                state.captured.clear()
+                values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync for the pack
+                keep: list[tuple[_Trial, list[int], torch.Tensor, float]] = []
+                for (t, idx), loss, value in zip(batches, losses, values, strict=True):
+                    if t.fault == "oom":  # a simulated allocator failure, for this trial only
+                        t.failure = TrialFailed("oom", f"CUDA out of memory (simulated by {FAULT_ENV})")
+                    elif not math.isfinite(value):  # this trial leaves the pack; its loss is not back-propagated
+                        t.failure = TrialFailed("nan", f"loss became {value} at step {t.step}")
+                    else:
+                        keep.append((t, idx, loss, value))
+                if keep:  # one backward for the pack: parameters are disjoint, so each gets only its own gradient
+                    torch.stack([loss for _, _, loss, _ in keep]).sum().backward()
+                for t, idx, _, value in keep:
+                    if t.cfg.fidelity.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
+                    t.optimizer.step()
+                    t.schedule.step()
+                    t.optimizer.zero_grad(set_to_none=True)
+                    lengths = [len(t.train_ids[i]) for i in idx]
+                    t.tokens += sum(lengths)
+                    tokens += sum(lengths)
+                    if len(idx) * max(lengths) > t.widest_area:
+                        t.widest, t.widest_area = idx, len(idx) * max(lengths)
+                    t.losses.append(value)
+                    t.step += 1
+                now = time.perf_counter()
+                for t in active:
+                    if t.failure is not None:  # its parameters may hold NaN now: free its gradients, forget it
+                        for p in t.trainable:
+                            p.grad = None
+                    elif t.step >= t.total_steps:
+                        t.train_s = now - t0
+                packed_steps += 1
+                active = [t for t in active if t.failure is None and t.step < t.total_steps]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            pack_s = time.perf_counter() - t0
+    except torch.cuda.OutOfMemoryError as exc:  # a real OOM belongs to the whole pack
+        memory = _memory_at_failure(dev, mem)
+        detail = f"pack of {len(trials)} trials: {str(exc).splitlines()[0] if str(exc) else 'out of memory'}"
+        for t in trials:
+            if t.failure is None:
+                t.failure = TrialFailed("oom", detail, memory_mb=memory)
+        return Pack([t.failure for t in trials], PackStats(len(trials), 0.0, tokens, memory or 0.0, packed_steps))
+    finally:
+        state.segments = []
+
+    stats = PackStats(len(trials), pack_s, tokens, mem.peak_mb, packed_steps)
+    for t in trials:
+        if t.failure is None:
+            try:
+                t.result = _finish(t, task, tokenizer, select, heldout_fraction, dev, cache_tag, pad_id, stats,
+                                   memory_probe, trials)
+            except TrialFailed as exc:
+                t.failure = exc
+            except torch.cuda.OutOfMemoryError as exc:  # evaluation or the memory probe
+                t.failure = TrialFailed("oom", str(exc).splitlines()[0] if str(exc) else "out of memory",
+                                        memory_mb=_memory_at_failure(dev, None))
+    return Pack([t.failure if t.failure is not None else t.result for t in trials], stats)
+
+
+def _collate_pack(batches: Sequence[tuple[_Trial, list[int]]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """The packed micro-batch: each trial's micro-batch in turn, all right-padded to the widest example, built on
+    the host and copied once; and the segments (slot, first row, end row) that say whose rows are whose."""
+    rows = [t.train_ids[i] for t, idx in batches for i in idx]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids)] = 1
+    segments, start = [], 0
+    for t, idx in batches:
+        segments.append((t.slot, start, start + len(idx)))
+        start += len(idx)
+    return input_ids, mask, segments
+
+
+def pack_trials(configs: Sequence[TrialConfig], task: TaskData | None = None, **kwargs: Any
+                ) -> list[TrialResult | TrialFailed]:
+    """`train_pack`'s per-trial outcomes only: a `TrialResult` or the `TrialFailed` of each config, in order."""
+    return train_pack(configs, task=task, **kwargs).results
+
+
+def _loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss HF's *ForSequenceClassification computes inside forward, on one trial's rows."""
+    config = model.config
+    if config.problem_type == "regression":
+        loss_fct = nn.MSELoss()
+        return loss_fct(logits.squeeze(), labels.squeeze()) if config.num_labels == 1 else loss_fct(logits, labels)
+    return nn.CrossEntropyLoss()(logits.view(-1, config.num_labels), labels.view(-1))
+
+
+def _prepare(t: _Trial, task: TaskData, tokenizer: Any, select: str, heldout_fraction: float, dev: torch.device,
+             cache_tag: tuple) -> None:
+    """`train_and_evaluate`'s set-up for one trial: its data, order, optimiser and schedule, in the same order."""
+    fid = t.cfg.fidelity
+    for p in t.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    t.model.to(dev)
+    train_split, t.select_split = task.train, task.dev
+    if select == "heldout":
+        train_split, t.select_split = holdout_split(task.train, heldout_fraction, fid.seed)
+    if fid.train_examples is not None and fid.train_examples < len(train_split):
+        idx = random.Random(fid.seed).sample(range(len(train_split)), fid.train_examples)
+        train_split = train_split.subset(sorted(idx))
+    t.train_ids = tokenize(tokenizer, train_split, fid.max_length,
+                           (*cache_tag, "train", select, fid.seed, heldout_fraction, fid.train_examples))
+    t.batches = _batch_stream([len(x) for x in t.train_ids], fid.batch_size, random.Random(fid.seed))
+    steps_per_epoch = math.ceil(len(t.train_ids) / fid.batch_size)
+    total = t.total_steps = fid.max_steps or max(1, math.ceil(steps_per_epoch * fid.epochs))
+    warmup = int(total * fid.warmup_ratio)
+    t.optimizer = torch.optim.AdamW(_param_groups(t.model, fid), weight_decay=fid.weight_decay)
+    t.schedule = torch.optim.lr_scheduler.LambdaLR(
+        t.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
+        else max(0.0, (total - s) / max(1, total - warmup)))
+    t.labels = torch.tensor(train_split.label, dtype=torch.float32 if task.is_regression else torch.long)
+    t.trainable = [p for p in t.model.parameters() if p.requires_grad]
+
+
+def _probe_memory(t: _Trial, dev: torch.device, pad_id: int) -> float:
+    """Peak memory (MiB) of one standalone training step of this trial, on its widest batch.
+
+    A packed trial's own footprint is not observable inside the pack, so it is measured here: one forward and
+    backward of the trial's own model (sharing the backbone) with its optimiser state allocated, no update.
+    On CUDA the other trials' tensors (their parameters and optimiser state, resident meanwhile) are taken off
+    by their exact sizes, so the figure is what this trial would hold alone.
+    """
+    if not t.widest:
+        return 0.0
+    batch = collate(t.train_ids, t.widest, pad_id, dev)
+    t.model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    with PeakMemory(dev) as mem:
+        with autocast:
+            loss = t.model(**batch, labels=t.labels[t.widest].to(dev)).loss
+        loss.backward()
+    t.optimizer.zero_grad(set_to_none=True)
+    return mem.peak_mb
+
+
+def _tensor_bytes(t: _Trial) -> int:
+    n = sum(p.numel() * p.element_size() for p in t.trainable)
+    for s in t.optimizer.state.values():
+        n += sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
+    return n
+
+
+def _finish(t: _Trial, task: TaskData, tokenizer: Any, select: str, heldout_fraction: float, dev: torch.device,
+            cache_tag: tuple, pad_id: int, stats: PackStats, memory_probe: bool, pack: Sequence[_Trial]
+            ) -> TrialResult:
+    """`train_and_evaluate`'s evaluation and measurements, on the trial's own (weight-sharing) model."""
+    fid = t.cfg.fidelity
+    peak = stats.peak_memory_mb
+    if memory_probe:
+        peak = _probe_memory(t, dev, pad_id)
+        if dev.type == "cuda":
+            peak -= sum(_tensor_bytes(o) for o in pack if o is not t and o.optimizer is not None) / 2**20
+    t1 = time.perf_counter()
+    sel_ids = tokenize(tokenizer, t.select_split, fid.max_length, (*cache_tag, select, fid.seed, heldout_fraction))
+    scores = evaluate(t.model, sel_ids, t.select_split.label, task, fid.eval_batch_size, pad_id, dev)
+    dev_metric = None
+    if select == "heldout":
+        dev_ids = tokenize(tokenizer, task.dev, fid.max_length, (*cache_tag, "dev"))
+        dev_metric = evaluate(t.model, dev_ids, task.dev.label, task, fid.eval_batch_size, pad_id, dev)[
+            task.metric_name]
+    eval_s = time.perf_counter() - t1
+    main = scores[task.metric_name]
+    if not math.isfinite(main):
+        raise TrialFailed("nan", f"{task.metric_name} is {main}")
+    losses = t.losses
+    metrics = Metrics(
+        metric_name=task.metric_name, metric=main, trainable_params=sum(p.numel() for p in t.trainable),
+        backbone_params=t.model.autopeft_backbone_params, peak_memory_mb=max(0.0, peak), train_seconds=t.train_s,
+        eval_seconds=eval_s, tokens_per_s=t.tokens / t.train_s if t.train_s > 0 else 0.0,
+        train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), steps=t.step,
+        extra={k: v for k, v in scores.items() if k != task.metric_name}, dev_metric=dev_metric)
+    return TrialResult(metrics, t.model, t.spec, losses)
+

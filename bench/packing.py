@@ -1,0 +1,263 @@
+"""Issue "trial packing": search trials per GPU-hour, packed on one shared backbone, against the same trials run
+one by one with HF PEFT and with our own (unpacked) trainer.
+
+The same N search-fidelity trials (LoRA-family specs HF PEFT can express exactly, so all three arms train the
+same models: LoRA at several ranks and sites, DoRA, IA3) are trained three ways, each timed wall-clock from
+loading the backbone to the scored trial, evaluation included, i.e. what a search worker spends per trial:
+
+* `hf_peft`: `peft.get_peft_model` with the config `autopeft.export` maps each spec to, trained by our loop
+  (`train.train_and_evaluate`), one trial after another;
+* `unpacked`: `train.run_trial`, one trial after another;
+* `packed`: `packing.train_pack`, `--pack-size` trials at a time on one shared frozen backbone.
+
+Every arm uses the same seeds, data, fidelity and bf16 autocast. The packed and unpacked arms train the same
+models step for step (dropout aside, see `autopeft.packing`), so their accuracies should agree closely:
+`max_acc_diff_points` is the largest gap, in points, over the N trials.
+
+    python bench/packing.py                              # GPU: RoBERTa-large, SST-2, 8 trials, packs of 8
+    python bench/packing.py --trials 16 --pack-size 8    # two packs
+    python bench/packing.py --tiny                       # CPU smoke test: tiny random BERT, toy data, seconds
+
+The GPU machine has no network: `--backbone` must be a local directory or a model already in the Hugging Face
+cache (with HF_HUB_OFFLINE=1), and `--data-dir` the GLUE files (default ../shared/data).
+
+Writes bench/results/packing-<device>-<date>.json (`packing_tiny-...` for --tiny) and prints the summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, write_results
+
+from autopeft.errors import TrialFailed
+from autopeft.models import load_backbone, resolve_backbone
+from autopeft.spec import Fidelity, PeftSpec
+from autopeft.train import DataOptions, TrialConfig, TrialResult, pick_device, run_trial, train_and_evaluate
+
+#: LoRA-family search trials HF PEFT can express exactly (so the HF arm trains the same models)
+SPECS: list[dict[str, Any]] = [
+    {"lora": {"rank": {"q": 8, "v": 8}}},
+    {"lora": {"rank": {"q": 16, "v": 16}, "alpha_ratio": 2.0}},
+    {"lora": {"rank": {"q": 4, "k": 4, "v": 4, "o": 4}}},
+    {"lora": {"rank": {"ffn_in": 8, "ffn_out": 8}}},
+    {"lora": {"rank": {"q": 2, "k": 2, "v": 2, "o": 2, "ffn_in": 2, "ffn_out": 2}}},
+    {"lora": {"rank": {"q": 8, "v": 8}, "dora": True}},
+    {"ia3": ["k", "v", "ffn_out"]},
+    {"lora": {"rank": {"q": 32, "v": 32}}},
+]
+
+
+def hf_peft_config(cfg: TrialConfig, task: Any) -> Any:
+    """The HF PEFT config that computes what our spec computes (`autopeft.export.hf_peft_adapter`), trainable."""
+    import peft
+
+    from autopeft.export import hf_peft_adapter
+    from autopeft.peft import inject
+
+    model, _ = load_backbone(cfg.backbone, task.num_labels, regression=task.is_regression)
+    spec = PeftSpec.from_dict(cfg.spec, num_layers=model.config.num_hidden_layers)
+    inject(model, spec)
+    config = dict(hf_peft_adapter(model, spec).config)
+    config["inference_mode"] = False
+    config.pop("base_model_name_or_path", None)
+    return peft.get_peft_config(config)
+
+
+def run_hf_peft(cfg: TrialConfig, peft_config: Any, task: Any, device: Any) -> dict[str, Any]:
+    """One trial the HF PEFT way: load, `get_peft_model`, our training loop and evaluation."""
+    import peft
+    import torch
+
+    torch.manual_seed(cfg.fidelity.seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok = load_backbone(cfg.backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+    head = {"classifier", "score"}
+    backbone_params = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] not in head)
+    torch.manual_seed(cfg.fidelity.seed)
+    model = peft.get_peft_model(model, peft_config)
+    metrics, _ = train_and_evaluate(model, tok, task, cfg.fidelity, backbone_params=backbone_params,
+                                    cache_tag=(resolve_backbone(cfg.backbone), task.name, task.source),
+                                    label="hf-peft", device=device, progress=False)
+    return metrics.to_dict()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def tiny_setup(root: Path) -> tuple[str, DataOptions]:
+    """A saved tiny random BERT (MiniLM's tokenizer) and a learnable toy CSV task, for the CPU smoke mode."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from autopeft.models import packaged_minilm
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    backbone = root / "tiny-bert"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(backbone)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (packaged_minilm() / f).is_file():
+            shutil.copy(packaged_minilm() / f, backbone / f)
+    words = {1: ["great", "superb", "lovely", "fun"], 0: ["awful", "dull", "boring", "bad"]}
+    files = []
+    for name, n, seed in (("train.csv", 256, 0), ("dev.csv", 64, 1)):
+        rng = random.Random(seed)
+        lines = ["review,label"]
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            filler = " ".join(rng.choice(["the", "film", "was", "quite", "a"]) for _ in range(rng.randint(2, 9)))
+            lines.append(f"{filler} {rng.choice(words[y])} {filler},{'pos' if y else 'neg'}")
+        (root / name).write_text("\n".join(lines) + "\n")
+        files.append(str(root / name))
+    return str(backbone), DataOptions(train_file=files[0], dev_file=files[1], text_column="review",
+                                      label_column="label")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny random BERT, toy data, few steps")
+    ap.add_argument("--backbone", default="roberta-large")
+    ap.add_argument("--task", default="glue/sst2")
+    ap.add_argument("--data-dir", default=os.environ.get("AUTOPEFT_DATA_DIR") or str(
+        Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--trials", type=int, default=8, help="trials per arm (cycling through the specs)")
+    ap.add_argument("--pack-size", type=int, default=8)
+    ap.add_argument("--examples", type=int, default=2000, help="training examples per trial (search fidelity)")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--skip-hf", action="store_true", help="leave out the HF PEFT arm")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+
+    from autopeft.packing import train_pack
+
+    tmp = None
+    if args.tiny:
+        tmp = Path(tempfile.mkdtemp(prefix="autopeft-bench-packing-"))
+        backbone, data = tiny_setup(tmp)
+        task_name, device = "file", pick_device("cpu")
+        fid = Fidelity(train_examples=None, max_steps=6, batch_size=16, max_length=32, lr=1e-3)
+        args.trials, args.pack_size = min(args.trials, 4), min(args.pack_size, 4)
+    else:
+        backbone, data, task_name, device = args.backbone, DataOptions(data_dir=args.data_dir), args.task, pick_device()
+        fid = Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
+                       max_length=args.max_length)
+    task = data.load(task_name)
+    configs = [TrialConfig(task=task_name, spec=SPECS[i % len(SPECS)], backbone=backbone,
+                           fidelity=dataclasses.replace(fid, seed=i), data=data) for i in range(args.trials)]
+    rows: list[dict[str, Any]] = []
+    wall: dict[str, float] = {}
+
+    # warm-up (not timed): CUDA context, kernels' first launches, the tokenizer cache every arm then shares
+    run_trial(dataclasses.replace(configs[0], fidelity=dataclasses.replace(fid, max_steps=2)), task=task,
+              device=str(device), progress=False)
+
+    if not args.skip_hf:
+        hf_configs = [hf_peft_config(c, task) for c in configs]  # mapping only: not timed
+        _sync()
+        t0 = time.perf_counter()
+        for i, (c, pc) in enumerate(zip(configs, hf_configs, strict=True)):
+            m = run_hf_peft(c, pc, task, device)
+            rows.append({"arm": "hf_peft", "trial": i, "spec": c.spec, **m})
+            print(f"hf_peft   {i}: acc {m['metric']:.4f}  {m['train_seconds']:.1f}s train", flush=True)
+        _sync()
+        wall["hf_peft"] = time.perf_counter() - t0
+
+    _sync()
+    t0 = time.perf_counter()
+    unpacked: list[TrialResult | TrialFailed] = []
+    for i, c in enumerate(configs):
+        try:
+            r = run_trial(c, task=task, device=str(device), progress=False)
+        except TrialFailed as exc:
+            r = exc
+        unpacked.append(r)
+        rows.append({"arm": "unpacked", "trial": i, "spec": c.spec, **_row(r)})
+        print(f"unpacked  {i}: {_label(r)}", flush=True)
+    _sync()
+    wall["unpacked"] = time.perf_counter() - t0
+
+    _sync()
+    t0 = time.perf_counter()
+    packed: list[TrialResult | TrialFailed] = []
+    pack_rows = []
+    for start in range(0, len(configs), args.pack_size):
+        chunk = configs[start:start + args.pack_size]
+        pack = train_pack(chunk, task=task, device=str(device))
+        packed.extend(pack.results)
+        pack_rows.append({"arm": "pack", "first_trial": start, "size": pack.stats.size,
+                          "train_seconds": pack.stats.train_seconds, "tokens": pack.stats.tokens,
+                          "tokens_per_s": pack.stats.tokens_per_s, "peak_memory_mb": pack.stats.peak_memory_mb,
+                          "steps": pack.stats.steps})
+        print(f"pack of {pack.stats.size}: {pack.stats.tokens_per_s:,.0f} tokens/s, "
+              f"peak {pack.stats.peak_memory_mb:,.0f} MiB", flush=True)
+    _sync()
+    wall["packed"] = time.perf_counter() - t0
+    for i, (c, r) in enumerate(zip(configs, packed, strict=True)):
+        rows.append({"arm": "packed", "trial": i, "spec": c.spec, **_row(r)})
+        print(f"packed    {i}: {_label(r)}", flush=True)
+    rows.extend(pack_rows)
+
+    per_hour = {arm: 3600.0 * len(configs) / s for arm, s in wall.items()}
+    diffs = [abs(p.metrics.metric - u.metrics.metric) * 100 for p, u in zip(packed, unpacked, strict=True)
+             if isinstance(p, TrialResult) and isinstance(u, TrialResult)]
+    pack_tokens = sum(r["tokens"] for r in pack_rows)
+    pack_seconds = sum(r["train_seconds"] for r in pack_rows)
+    summary: dict[str, float] = {
+        "trials_per_gpu_hour_packed": per_hour["packed"],
+        "trials_per_gpu_hour_unpacked": per_hour["unpacked"],
+        "trials_per_gpu_hour_speedup_vs_unpacked": per_hour["packed"] / per_hour["unpacked"],
+        "pack_tokens_per_s_roberta_large": pack_tokens / pack_seconds if pack_seconds > 0 else 0.0,
+        "max_acc_diff_points": max(diffs) if diffs else float("nan"),
+        "failed_packed": sum(isinstance(r, TrialFailed) for r in packed),
+        "failed_unpacked": sum(isinstance(r, TrialFailed) for r in unpacked),
+        "trials": len(configs),
+        "pack_size": args.pack_size,
+    }
+    if "hf_peft" in per_hour:
+        summary["trials_per_gpu_hour_hf_peft"] = per_hour["hf_peft"]
+        summary["trials_per_gpu_hour_speedup_vs_hf_peft"] = per_hour["packed"] / per_hour["hf_peft"]
+    what = "tiny random BERT, toy CSV (smoke test: the numbers mean nothing)" if args.tiny else \
+        f"{args.backbone} on {args.task}"
+    notes = (f"{what}; {len(configs)} trials per arm, packs of {args.pack_size}; fidelity {fid.to_dict()}; "
+             f"seeds 0..{len(configs) - 1}; wall-clock per arm from loading to scored trial, evaluation included; "
+             f"pack_tokens_per_s_* = training tokens of the packs / their training seconds; {device_name(device)}")
+    write_results("packing_tiny" if args.tiny else "packing", rows, summary, out_dir=args.out, notes=notes,
+                  device=device)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _row(r: TrialResult | TrialFailed) -> dict[str, Any]:
+    if isinstance(r, TrialFailed):
+        return {"failed": r.reason, "detail": r.detail}
+    return r.metrics.to_dict()
+
+
+def _label(r: TrialResult | TrialFailed) -> str:
+    if isinstance(r, TrialFailed):
+        return f"FAILED {r.reason}: {r.detail}"
+    m = r.metrics
+    return f"acc {m.metric:.4f}  {m.train_seconds:.1f}s train  {m.tokens_per_s:,.0f} tokens/s"
+
+
+if __name__ == "__main__":
+    main()
