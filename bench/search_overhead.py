@@ -75,8 +75,10 @@ def study_overhead(out_dir: str, study_name: str | None) -> dict:
     storage = f"sqlite:///{Path(out_dir).resolve() / 'optuna.db'}"
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     study = optuna.load_study(study_name=study_name or names[0], storage=storage)
+    # repeats (autopeft.duplicate_of) carry their twin's numbers but trained nothing: their time is overhead
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-            and "train_seconds" in t.user_attrs]
+            and "train_seconds" in t.user_attrs and "autopeft.duplicate_of" not in t.user_attrs]
+    repeats = sum("autopeft.duplicate_of" in t.user_attrs for t in study.trials)
     if not done:
         raise SystemExit(f"no complete trials with measurements in {storage}")
     start = min(t.datetime_start for t in study.trials if t.datetime_start)
@@ -84,7 +86,7 @@ def study_overhead(out_dir: str, study_name: str | None) -> dict:
     wall = (end - start).total_seconds()
     work = sum(t.user_attrs["train_seconds"] + t.user_attrs.get("eval_seconds", 0.0) for t in done)
     in_trial = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
-    return {"study": study.study_name, "complete_trials": len(done), "wall_s": round(wall, 1),
+    return {"study": study.study_name, "complete_trials": len(done), "repeats": repeats, "wall_s": round(wall, 1),
             "train_eval_s": round(work, 1), "in_trial_overhead_s": round(in_trial - work, 1),
             "between_trials_s": round(wall - in_trial, 1), "overhead_fraction": round(1 - work / wall, 4),
             "mean_trial_s": round(in_trial / len(done), 1)}
