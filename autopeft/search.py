@@ -266,7 +266,8 @@ def prepare(opts: SearchOptions) -> Study:
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     constrained = max_params is not None or opts.max_memory is not None
     sampler = make_sampler(opts.sampler, seed=opts.seed, n_startup_trials=opts.n_startup_trials,
-                           constraints=constrained, n_objectives=len(directions))
+                           constraints=constrained, n_objectives=len(directions),
+                           canonical=lambda params: spec_key(space.decode(params, num_layers)))
     if opts.study_name in existing:
         if not opts.resume:
             other = existing[opts.study_name].user_attrs
@@ -419,6 +420,13 @@ def completed_twin(trial: optuna.Trial, spec: dict[str, Any]) -> FrozenTrial | N
                 and SHADOW_ATTR not in t.user_attrs:
             return t
     return None
+
+
+def spec_key(spec: Any) -> str:
+    """Equal for equal configurations, whatever params produced them."""
+    import json
+
+    return json.dumps(spec.to_dict(), sort_keys=True)
 
 
 def fresh_point(prepared: Study, trial: optuna.Trial, tries: int = 200) -> dict[str, Any] | None:

@@ -118,3 +118,31 @@ def test_seeded_reproducible(name: str) -> None:
 
     assert params(5) == params(5)
     assert params(5) != params(6)
+
+
+def test_botorch_proposes_only_new_configurations_with_a_canonical_key() -> None:
+    """Many params decode to one configuration (all layer bits off = head only, the cheapest front point);
+    the rounded acquisition optimum kept landing there. With the canonical key every proposal is new."""
+    import json
+    import math
+    import random
+
+    from autopeft.space import SearchSpace
+
+    space, layers = SearchSpace.load("mixed"), 4
+    dists = space.distributions(layers)
+
+    def key(params: dict) -> str:
+        return json.dumps(space.decode(params, layers).to_dict(), sort_keys=True)
+
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler("botorch", 0, 5, constraints=False, n_objectives=2,
+                                                     canonical=key))
+    rng, keys = random.Random(0), []
+    for _ in range(10):
+        trial = study.ask(dists)
+        spec = space.decode(trial.params, layers)
+        n = sum(sum(r) for r in spec.lora.values()) + sum(spec.serial_adapter) + sum(spec.prefix)
+        keys.append(key(trial.params))
+        study.tell(trial, [0.55 + 0.3 * (1 - math.exp(-n / 60)) + rng.gauss(0, 0.01), math.log10(1 + n)])
+    assert len(set(keys)) == len(keys)
