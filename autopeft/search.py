@@ -413,7 +413,7 @@ def completed_twin(trial: optuna.Trial, spec: dict[str, Any]) -> FrozenTrial | N
 
     The sampler can propose a configuration twice (most often the head-only point, which sits on every front).
     Training it again would reproduce the same numbers at the cost of a whole trial, so its measurements are
-    reused instead; the trial says so (`autopeft.duplicate_of`) and does not count towards the budget.
+    reused instead; the trial says so (`autopeft.duplicate_of`).
     """
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.number != trial.number and t.user_attrs.get("spec") == spec and "metric" in t.user_attrs \
@@ -479,10 +479,12 @@ def save_trial_weights(opts: SearchOptions, number: int, model: Any) -> Path:
 
 
 def completed(study: optuna.Study) -> int:
-    """COMPLETE trials toward the budget: the COMPLETE stand-ins of OOM trials (`autopeft.shadow_of`) and repeats
-    of an earlier configuration (`autopeft.duplicate_of`, which trained nothing) do not count, so a budget of N
-    is N configurations actually trained."""
-    return sum(SHADOW_ATTR not in t.user_attrs and DUPLICATE_OF not in t.user_attrs
+    """COMPLETE trials toward the budget (the COMPLETE stand-ins of OOM trials, `autopeft.shadow_of`, excluded).
+
+    Repeats of an earlier configuration (`autopeft.duplicate_of`) count: they are rare with BoTorch (which
+    proposes new configurations only) and cost no training, and counting every COMPLETE trial keeps the
+    budget exact across workers."""
+    return sum(SHADOW_ATTR not in t.user_attrs
                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
@@ -520,8 +522,9 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.COMPLETE and DUPLICATE_OF in trial.user_attrs:
+            bar.update(1)
             line = (f"trial {trial.number:3d}  repeats trial {trial.user_attrs[DUPLICATE_OF]}'s configuration: "
-                    "its measurements are reused, nothing trained, not counted; a new configuration is queued")
+                    "its measurements are reused, nothing trained; a new configuration is queued")
         elif trial.state == TrialState.COMPLETE:
             bar.update(1)
             a = trial.user_attrs

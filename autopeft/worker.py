@@ -100,10 +100,8 @@ class RetryCallback:
 
 # ----- budget -------------------------------------------------------------------------------------------------
 def _live(study: optuna.Study) -> list[FrozenTrial]:
-    from autopeft.search import DUPLICATE_OF  # repeats reuse an earlier trial's numbers: they train nothing
-
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    return [t for t in trials if SHADOW_ATTR not in t.user_attrs and DUPLICATE_OF not in t.user_attrs]
+    return [t for t in trials if SHADOW_ATTR not in t.user_attrs]
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:
