@@ -80,7 +80,6 @@ from autopeft.train import (
 )
 
 PACKED_ATTENTION = "autopeft_packed"
-_registered = False
 
 
 # ----- the segments of a packed batch -------------------------------------------------------------------------
@@ -243,15 +242,9 @@ class _PrefixView:
 
 
 def _use_packed_attention(model: nn.Module) -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from autopeft.peft.prefix import use_attention
 
-        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-        _registered = True
-    model.set_attn_implementation(PACKED_ATTENTION)
+    use_attention(model, PACKED_ATTENTION, packed_attention)
 
 
 # ----- building a pack ------------------------------------------------------------------------------------------

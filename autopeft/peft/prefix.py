@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 ATTN_IMPLEMENTATION = "autopeft"
-_registered = False
+_registered_names: set[str] = set()  # attention functions registered with transformers in this process
 
 
 class PrefixKV(nn.Module):
@@ -73,14 +73,19 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return sdpa(module, query, key, value, attention_mask, is_causal=False, **kwargs)
 
 
-def use_prefix_attention(model: nn.Module) -> None:
-    """Route the model's attention through `prefix_attention` (masks are built as for SDPA)."""
-    global _registered
-    if not _registered:
+def use_attention(model: nn.Module, name: str, fn: Any) -> None:
+    """Route the model's attention through `fn`, registered with transformers under `name` once per process
+    (masks are built as for SDPA, which `fn` ends in)."""
+    if name not in _registered_names:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-        _registered = True
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _registered_names.add(name)
+    model.set_attn_implementation(name)
+
+
+def use_prefix_attention(model: nn.Module) -> None:
+    """Route the model's attention through `prefix_attention`."""
+    use_attention(model, ATTN_IMPLEMENTATION, prefix_attention)
