@@ -10,7 +10,7 @@ import optuna
 
 from autopeft.errors import UserError
 from autopeft.report import fmt_params, table
-from autopeft.search import mask_url, open_storage
+from autopeft.search import mask_url, open_storage, spec_key
 
 
 def resolve_storage(out: str | None, storage: str | None) -> str:
@@ -39,7 +39,7 @@ def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for t in sorted(front_trials(study), key=lambda t: t.number):
         a = t.user_attrs
-        key = json.dumps(a.get("spec"), sort_keys=True)
+        key = spec_key(a.get("spec"))
         if key in seen:  # the same configuration proposed again: one row, naming its repeats
             seen[key]["same_as"].append(t.number)
             continue

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autopeft.errors import TrialFailed, UserError
 from autopeft.models import load_backbone, resolve_backbone
 from autopeft.peft import ModelDims, head_param_count, peft_param_count
-from autopeft.spec import Fidelity, Metrics
+from autopeft.spec import Fidelity, Metrics, PeftSpec
 from autopeft.train import DataOptions, TrialConfig, run_trial
 from autopeft.yamlio import load_yaml
 
@@ -267,7 +267,7 @@ def prepare(opts: SearchOptions) -> Study:
     constrained = max_params is not None or opts.max_memory is not None
     sampler = make_sampler(opts.sampler, seed=opts.seed, n_startup_trials=opts.n_startup_trials,
                            constraints=constrained, n_objectives=len(directions),
-                           canonical=lambda params: spec_key(space.decode(params, num_layers)))
+                           canonical=lambda params: spec_key(space.decode(params, num_layers).to_dict()))
     if opts.study_name in existing:
         if not opts.resume:
             other = existing[opts.study_name].user_attrs
@@ -324,19 +324,29 @@ def feasible_startup_points(space: Any, distributions: Mapping[str, Any], num_la
     Enqueuing them spends the random phase on configurations the user can accept; if none can be found the
     constraint is unsatisfiable and the user hears so before anything runs.
     """
-    rng = random.Random(opts.seed)
-    points: list[dict[str, Any]] = []
-    tries = 0
-    while len(points) < opts.n_startup_trials and tries < 200 * max(1, opts.n_startup_trials):
-        tries += 1
-        params = space.random_params(rng, num_layers)
-        spec = space.decode(params, num_layers)
-        if max_params is None or peft_param_count(spec, dims) + head <= max_params:
-            points.append(params)
+    points = sample_configs(space, num_layers, random.Random(opts.seed), opts.n_startup_trials,
+                            tries=200 * max(1, opts.n_startup_trials),
+                            fits=lambda spec: max_params is None or peft_param_count(spec, dims) + head <= max_params)
     if max_params is not None and not points:
         smallest = head
         raise UserError(f"--max-params {opts.max_params} ({max_params:,} params) cannot be met: the task head alone "
                         f"has {smallest:,} trainable parameters and no sampled configuration fit; raise the limit")
+    return points
+
+
+def sample_configs(space: Any, num_layers: int, rng: random.Random, n: int, *, tries: int,
+                   fits: Callable[[PeftSpec], bool], exclude: frozenset[str] | set[str] = frozenset()
+                   ) -> list[dict[str, Any]]:
+    """Up to `n` seeded random points whose configuration `fits` and whose `spec_key` is not in `exclude`,
+    drawing at most `tries` points."""
+    points: list[dict[str, Any]] = []
+    for _ in range(tries):
+        if len(points) >= n:
+            break
+        params = space.random_params(rng, num_layers)
+        spec = space.decode(params, num_layers)
+        if fits(spec) and (not exclude or spec_key(spec.to_dict()) not in exclude):
+            points.append(params)
     return points
 
 
@@ -422,11 +432,11 @@ def completed_twin(trial: optuna.Trial, spec: dict[str, Any]) -> FrozenTrial | N
     return None
 
 
-def spec_key(spec: Any) -> str:
-    """Equal for equal configurations, whatever params produced them."""
+def spec_key(spec: Mapping[str, Any]) -> str:
+    """Equal for equal configurations (a `PeftSpec.to_dict()`), whatever params produced them."""
     import json
 
-    return json.dumps(spec.to_dict(), sort_keys=True)
+    return json.dumps(spec, sort_keys=True)
 
 
 def fresh_point(prepared: Study, trial: optuna.Trial, tries: int = 200) -> dict[str, Any] | None:
@@ -436,20 +446,12 @@ def fresh_point(prepared: Study, trial: optuna.Trial, tries: int = 200) -> dict[
     (every layer bit off decodes to the same head-only spec, whatever the sizes), and the next proposal would
     land there again. One random, new configuration after each repeat keeps the search moving.
     """
-    import json
-    import random
-
-    known = {json.dumps(t.user_attrs.get("spec"), sort_keys=True)
-             for t in trial.study.get_trials(deepcopy=False) if "spec" in t.user_attrs}
-    rng = random.Random(prepared.opts.seed * 100_003 + trial.number)
-    for _ in range(tries):
-        params = prepared.space.random_params(rng, prepared.num_layers)
-        spec = prepared.space.decode(params, prepared.num_layers)
-        if prepared.max_params is not None and prepared.params_of(spec) > prepared.max_params:
-            continue
-        if json.dumps(spec.to_dict(), sort_keys=True) not in known:
-            return params
-    return None
+    known = {spec_key(t.user_attrs["spec"]) for t in trial.study.get_trials(deepcopy=False) if "spec" in t.user_attrs}
+    limit = prepared.max_params
+    points = sample_configs(prepared.space, prepared.num_layers,
+                            random.Random(prepared.opts.seed * 100_003 + trial.number), 1, tries=tries,
+                            fits=lambda spec: limit is None or prepared.params_of(spec) <= limit, exclude=known)
+    return points[0] if points else None
 
 
 def reuse_twin(trial: optuna.Trial, twin: FrozenTrial) -> list[float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import functools
 import math
 import os
 import random
@@ -140,6 +141,7 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
+@functools.cache
 def _heap_in_use_reader() -> Callable[[], int] | None:
     """Bytes the process's malloc has handed out and not taken back (glibc `mallinfo2`), or None elsewhere.
 
@@ -212,7 +214,7 @@ class PeakMemory:
 
 
 def _memory_at_failure(device: torch.device, mem: PeakMemory | None) -> float | None:
-    """Peak memory (MiB) of a trial that ran out of it: the allocator's peak on CUDA, the sampled RSS on CPU."""
+    """Peak memory (MiB) of a trial that ran out of it: the allocator's peak on CUDA, PeakMemory's sample on CPU."""
     try:
         if device.type == "cuda":
             return torch.cuda.max_memory_allocated(device) / 2**20

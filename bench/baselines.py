@@ -71,7 +71,8 @@ def run_hf(name: str, base: TrialConfig, task: Any, device: Any) -> dict[str, An
     return metrics.to_dict()
 
 
-def run_ours(spec: dict, lr: float, base: TrialConfig, task: Any, device: Any) -> dict[str, Any]:
+def run_ours(spec: dict, lr: float | None, base: TrialConfig, task: Any, device: Any) -> dict[str, Any]:
+    """`lr=None` keeps the per-method learning rates the search trained front points with."""
     cfg = dataclasses.replace(base, spec=spec, fidelity=dataclasses.replace(base.fidelity, lr=lr))
     return run_trial(cfg, task=task, device=str(device), progress=False).metrics.to_dict()
 
@@ -145,11 +146,7 @@ def main() -> None:
                 else:
                     spec, lr = ours
                     spec = {k: v for k, v in spec.items() if k != "num_layers"} | {"num_layers": num_layers}
-                    if lr is None:  # front points: the per-method learning rates the search trained them with
-                        m = run_trial(dataclasses.replace(seeded, spec=spec), task=task, device=str(device),
-                                      progress=False).metrics.to_dict()
-                    else:
-                        m = run_ours(spec, lr, seeded, task, device)
+                    m = run_ours(spec, lr, seeded, task, device)
                 row = {"name": name, "seed": seed, "spec": spec if ours else name, **m}
                 print(f"{name} seed {seed}: acc {m['metric']:.4f} params {m['trainable_params']:,} "
                       f"({m['trainable_pct']:.3f}%) mem {m['peak_memory_mb']:.0f} MiB train {m['train_seconds']:.1f}s "
