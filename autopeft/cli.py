@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an existing study of this name")
     s.add_argument("--workers", type=int, help="run N `autopeft worker` processes here: one per GPU (round robin "
                                                "over CUDA_VISIBLE_DEVICES) on CUDA, else N CPU workers")
+    s.add_argument("--proposal-batch", type=int, help="BoTorch configurations chosen per GP fit (a q-batch); the "
+                                                      "others wait in the study for the next trials")
+    s.add_argument("--pack-size", type=int, help="train up to K trials at once on one shared frozen backbone "
+                                                 "(default: the preset's, 8 on a GPU, 1 on CPU)")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--heldout-examples", type=int, help="size of the selection split carved from train")
     fid = s.add_argument_group("fidelity (overrides the preset's, per trial)")

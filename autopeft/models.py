@@ -30,6 +30,9 @@ class Architecture:
     ffn_in: str  # module whose input is the FFN block's input (a parallel adapter reads it)
     ffn_out: str  # module whose output is the FFN block's output before the residual (adapters add here)
     head: tuple[str, ...]  # classification-head module names (always trained, never adapted)
+    # linears the backbone's code calls on one and the same input tensor (q/k/v of self-attention, Llama's
+    # gate/up): their LoRA x A^T products can be one GEMM (`autopeft.peft.linear.share_lora_input`)
+    shared_input: tuple[tuple[str, ...], ...] = ()
 
 
 BERT = Architecture(
@@ -48,6 +51,7 @@ BERT = Architecture(
     ffn_in="intermediate.dense",
     ffn_out="output.dense",
     head=("classifier",),
+    shared_input=(("attention.self.query", "attention.self.key", "attention.self.value"),),
 )
 
 LLAMA = Architecture(
@@ -66,6 +70,7 @@ LLAMA = Architecture(
     ffn_in="mlp",
     ffn_out="mlp",
     head=("score",),
+    shared_input=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 
 #: transformers `model_type` -> architecture. Encoders that share BERT's module names reuse BERT's map.

@@ -55,12 +55,12 @@ from torch import nn
 from autopeft import kernels
 from autopeft.errors import TrialFailed, UserError
 from autopeft.kernels.reference import _add_low_rank, _cast
-from autopeft.models import architecture_of, get_layers, load_backbone, resolve_backbone
+from autopeft.models import architecture_of, get_layers, resolve_backbone
 from autopeft.peft import inject
 from autopeft.peft.linear import PeftLinear
 from autopeft.peft.prefix import PrefixKV, prefix_attention
 from autopeft.spec import Metrics, PeftSpec
-from autopeft.tasks import TaskData, holdout_split
+from autopeft.tasks import TaskData
 from autopeft.train import (
     CURRENT_TRIAL,
     FAULT_ENV,
@@ -76,7 +76,9 @@ from autopeft.train import (
     injected_fault,
     length_bucketed_batches,
     pick_device,
+    seeded_backbone,
     tokenize,
+    trial_splits,
 )
 
 PACKED_ATTENTION = "autopeft_packed"
@@ -468,12 +470,12 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
-    base, tokenizer = load_backbone(configs[0].backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+    base, tokenizer = seeded_backbone(configs[0].backbone, task, dtype, configs[0].fidelity.seed)
     shared = dict(base.named_parameters())
     trials: list[_Trial] = []
     for slot, (cfg, number) in enumerate(zip(configs, numbers, strict=True)):
-        _seed_everything(cfg.fidelity.seed)  # as run_trial: the head's init, then the adapters', from the seed
-        model, _ = load_backbone(cfg.backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+        # as run_trial: the head's init, then the adapters', from the seed
+        model, _ = seeded_backbone(cfg.backbone, task, dtype, cfg.fidelity.seed)
         spec = cfg.spec if isinstance(cfg.spec, PeftSpec) else PeftSpec.from_dict(
             cfg.spec, num_layers=model.config.num_hidden_layers)
         why = packable(spec)
@@ -617,12 +619,7 @@ def _prepare(t: _Trial, task: TaskData, tokenizer: Any, select: str, heldout_fra
         if p.requires_grad:
             p.data = p.data.float()
     t.model.to(dev)
-    train_split, t.select_split = task.train, task.dev
-    if select == "heldout":
-        train_split, t.select_split = holdout_split(task.train, heldout_fraction, fid.seed)
-    if fid.train_examples is not None and fid.train_examples < len(train_split):
-        idx = random.Random(fid.seed).sample(range(len(train_split)), fid.train_examples)
-        train_split = train_split.subset(sorted(idx))
+    train_split, t.select_split = trial_splits(task, fid, select, heldout_fraction, cache_tag)
     t.train_ids = tokenize(tokenizer, train_split, fid.max_length,
                            (*cache_tag, "train", select, fid.seed, heldout_fraction, fid.train_examples))
     t.batches = _batch_stream([len(x) for x in t.train_ids], fid.batch_size, random.Random(fid.seed))

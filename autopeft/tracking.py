@@ -54,6 +54,7 @@ TAG_ROLE = "autopeft.role"
 TAG_TRIAL = "autopeft.trial_number"
 TAG_STATE = "autopeft.state"
 TAG_PARETO = "autopeft.pareto"
+PNG_EVERY_S = 60.0  # front.png is redrawn at most this often during a search (see Tracker._log_report)
 TAG_STORAGE = "autopeft.optuna_storage"
 TAG_PARENT = "mlflow.parentRunId"
 REPORT_DIR = "pareto"  # artifact folder of the parent run
@@ -142,6 +143,8 @@ class Tracker:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.overhead_s: list[float] = []  # seconds spent per log_trial: the cost of tracking to a search
+        self._png_at = -math.inf  # when front.png was last rendered (see _log_report)
+        self._final = False
         self._client: MlflowClient | None = None
         self._runs: dict[int, str] = {}  # trial number -> child run id
         self._done: set[int] = set()  # trials whose child run is terminated (all data logged)
@@ -389,6 +392,7 @@ class Tracker:
             self._start(study)
         front = self._front(study)
         self._sync(study, front=False, front_numbers=front)
+        self._final = True  # the last report always has a current front.png
         self._mark_front(study, front)
         self.client().set_terminated(self.parent_run_id, "FINISHED")
 
@@ -583,8 +587,14 @@ class Tracker:
         """report.html + front.png + front.json to `<out>/artifacts/<study>/pareto/` and the parent's artifacts."""
         client = self.client()
         local = self.report_dir()
+        # matplotlib's PNG costs ~0.5-1 s on two busy cores, most of what tracking adds to a short CPU trial; the
+        # HTML report and front.json stay current after every trial, the PNG is redrawn at most every
+        # PNG_EVERY_S seconds and at the end of the search
+        png = self.png and (self._final or time.monotonic() - self._png_at >= PNG_EVERY_S)
         paths = write_report(study, front, local, export=self.export_command, run_ids=dict(self._runs),
-                             tracking=f"MLflow: {self.masked_uri} · parent run {self.parent_run_id}", png=self.png)
+                             tracking=f"MLflow: {self.masked_uri} · parent run {self.parent_run_id}", png=png)
+        if png:
+            self._png_at = time.monotonic()
         for path in paths.values():
             client.log_artifact(self.parent_run_id, str(path), REPORT_DIR)
         self._log_front_table(study, front)

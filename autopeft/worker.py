@@ -202,12 +202,20 @@ def _storage_error(exc: BaseException) -> bool:
 
 def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budget: Callable[[], int] | None = None,
          stop: Stop | None = None, after: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-         echo: Callable[[str], None] = print, poll_s: float = 1.0, max_storage_errors: int = 20) -> WorkStats:
-    """Run trials of `study` until its budget is complete or a stop is requested.
+         echo: Callable[[str], None] = print, poll_s: float = 1.0, max_storage_errors: int = 20,
+         pack: Callable[[list[optuna.Trial]], list[Any]] | None = None, pack_size: int = 1,
+         distributions: dict[str, Any] | None = None, deadline: float | None = None) -> WorkStats:
+    """Run trials of `study` until its budget is complete, a stop is requested or `deadline` (time.time()) passes.
 
     `objective` is the whole trial (search.py's, or a fast stand-in for load tests); exceptions other than
     `TrialFailed` become FAILED with reason `crash`, so no trial ever stops the loop. Storage errors are
     retried with backoff (and counted); `max_storage_errors` in a row end the worker.
+
+    With `pack` and `pack_size` > 1, up to `pack_size` trials are asked at once (as many as the budget has room
+    for; BoTorch proposes them as one q-batch), trained together by `pack` (search.py's `pack_objective`: one
+    outcome per trial, values or `TrialFailed`), and each is told its own outcome. `distributions` (the
+    study's) are sampled when a trial is asked rather than when the pack starts, so that the first ask's
+    q-batch is already waiting when the next trials of the pack are asked.
     """
     stop = stop or Stop()
     stats = WorkStats()
@@ -245,6 +253,8 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
         last.append(trial)
 
     while not stop.requested.is_set():
+        if deadline is not None and time.time() >= deadline:
+            break
         try:
             target = budget()
             complete, running = counts(study)
@@ -257,8 +267,12 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
                 stop.requested.wait(poll_s)
                 continue
             last.clear()
-            study.optimize(guarded, n_trials=1, catch=(TrialFailed,), callbacks=[capture], gc_after_trial=False,
-                           show_progress_bar=False)
+            if pack is not None and pack_size > 1:
+                last.extend(_run_pack(study, pack, min(pack_size, target - complete - running), budget(), stop,
+                                      distributions))
+            else:
+                study.optimize(guarded, n_trials=1, catch=(TrialFailed,), callbacks=[capture], gc_after_trial=False,
+                               show_progress_bar=False)
             run_in_a_row = 0
         except Exception as exc:
             if not _storage_error(exc):
@@ -283,6 +297,55 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
             if after is not None:
                 after(study, trial)
     return stats
+
+
+def _run_pack(study: optuna.Study, pack: Callable[[list[optuna.Trial]], list[Any]], k: int, target: int,
+              stop: Stop, distributions: dict[str, Any] | None = None) -> list[FrozenTrial]:
+    """Ask `k` trials, train them as one pack under heartbeats, tell each its outcome; the told trials."""
+    from contextlib import ExitStack
+
+    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+
+    from autopeft import train
+
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    trials, surplus = [], []
+    for _ in range(max(1, k)):
+        with warnings.catch_warnings():  # heartbeats are started below, as Study.optimize would
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask(distributions)
+        (surplus if is_surplus(study, trial, target) else trials).append(trial)
+    for trial in surplus:  # another worker filled the budget meanwhile
+        trial.set_user_attr(FAIL_REASON, "surplus")
+        study.tell(trial, state=TrialState.PRUNED)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    outcomes: list[Any] = []
+    with ExitStack() as beats:
+        for trial in trials:
+            beats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+            trial.set_user_attr(WORKER_ATTR, worker)
+        stop.in_trial = True
+        token = train.CURRENT_TRIAL.set(trials[0].number if trials else None)
+        try:
+            outcomes = pack(trials) if trials else []
+        except TrialFailed as exc:  # the pack as a whole (a stop signal's grace ran out, say)
+            outcomes = [exc] * len(trials)
+        except Exception as exc:
+            outcomes = [TrialFailed("crash", f"{type(exc).__name__}: {exc}")] * len(trials)
+        finally:
+            train.CURRENT_TRIAL.reset(token)
+            stop.trial_ended()
+    for trial, outcome in zip(trials, outcomes, strict=True):
+        if isinstance(outcome, TrialFailed):
+            if not study._storage.get_trial(trial._trial_id).user_attrs.get(FAIL_REASON):
+                _set_reason(trial, outcome.reason, outcome.detail)
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, outcome)
+    return [study._storage.get_trial(t._trial_id) for t in (*trials, *surplus)]
 
 
 def _set_reason(trial: optuna.Trial, reason: str, detail: str) -> None:
@@ -373,6 +436,7 @@ def options_from_study(study: optuna.Study, storage_url: str, *, tracking_uri: s
         tracking=bool(saved.get("tracking", True)), space=a["space"], backbone=a["backbone"],
         data=DataOptions(**(a.get("data") or {})), n_trials=budget_of(study, saved.get("n_trials")),
         sampler=saved.get("sampler", "botorch"), n_startup_trials=int(saved.get("n_startup_trials", 6)),
+        proposal_batch=int(saved.get("proposal_batch", 1)), pack_size=int(saved.get("pack_size", 1)),
         # each worker its own seed: N workers of one seed would propose the same configurations N times
         seed=int(saved.get("seed", 0)) + os.getpid(),
         max_params=None if a.get("max_params") is None else str(a["max_params"]),
@@ -407,7 +471,7 @@ def run_worker(study_name: str, storage_url: str, tracking_uri: str | None = Non
                device: str | None = None, grace: float = DEFAULT_GRACE_S,
                echo: Callable[[str], None] = print) -> WorkStats:
     """`autopeft worker`: join a study on a shared storage and train its trials until the budget is done."""
-    from autopeft.search import mask_url, objective, prepare
+    from autopeft.search import mask_url, objective, pack_objective, prepare
 
     study = load_study_or_explain(study_name, storage_url)
     opts = options_from_study(study, storage_url, tracking_uri=tracking_uri, out=out, device=device)
@@ -428,7 +492,9 @@ def run_worker(study_name: str, storage_url: str, tracking_uri: str | None = Non
     stop = Stop(grace).install()
     started = time.time()
     try:
-        stats = work(study, _objective_with_tracking(objective(prepared), tracker), stop=stop, after=after, echo=echo)
+        stats = work(study, _objective_with_tracking(objective(prepared), tracker), stop=stop, after=after, echo=echo,
+                     pack=pack_with_tracking(pack_objective(prepared), tracker), pack_size=opts.pack_size,
+                     distributions=prepared.distributions)
     finally:
         stop.uninstall()
     complete, _ = counts(study)
@@ -458,6 +524,19 @@ def _objective_with_tracking(fn: Callable[[optuna.Trial], Any], tracker: Any) ->
     def run(trial: optuna.Trial) -> Any:
         tracker.begin_trial(trial)
         return fn(trial)
+
+    return run
+
+
+def pack_with_tracking(fn: Callable[[list[optuna.Trial]], list[Any]], tracker: Any
+                       ) -> Callable[[list[optuna.Trial]], list[Any]]:
+    """Each trial of a pack gets its (RUNNING) MLflow child run before the pack trains."""
+
+    def run(trials: list[optuna.Trial]) -> list[Any]:
+        if tracker is not None:
+            for trial in trials:
+                tracker.begin_trial(trial)
+        return fn(trials)
 
     return run
 

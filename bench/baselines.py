@@ -101,6 +101,32 @@ def mean_rows(rows: list[dict]) -> dict[str, dict[str, float]]:
             for n, rs in by.items()}
 
 
+def one_run(job: tuple[tuple[str, Any, int], TrialConfig, int]) -> dict[str, Any]:
+    """One row (a baseline or front point at one seed); a run that cannot train is a recorded row, not a lost
+    benchmark. Top level, so that `--jobs` can run it in another process."""
+    (name, ours, seed), base, num_layers = job
+    device = pick_device()
+    task = base.data.load(base.task)
+    seeded = dataclasses.replace(base, fidelity=dataclasses.replace(base.fidelity, seed=seed))
+    t0 = time.perf_counter()
+    try:
+        if ours is None:
+            m = run_hf(name, seeded, task, device)
+            spec: Any = name
+        else:
+            spec, lr = ours
+            spec = {k: v for k, v in spec.items() if k != "num_layers"} | {"num_layers": num_layers}
+            m = run_ours(spec, lr, seeded, task, device)
+        row = {"name": name, "seed": seed, "spec": spec, **m}
+        print(f"{name} seed {seed}: acc {m['metric']:.4f} params {m['trainable_params']:,} "
+              f"({m['trainable_pct']:.3f}%) mem {m['peak_memory_mb']:.0f} MiB train {m['train_seconds']:.1f}s "
+              f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+    except Exception as e:
+        row = {"name": name, "seed": seed, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"{name} seed {seed}: ERROR {row['error']}", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="minilm")
@@ -115,12 +141,12 @@ def main() -> None:
     ap.add_argument("--front-top", type=int, default=4)
     ap.add_argument("--front-max-pct", type=float, default=1.0)
     ap.add_argument("--only", nargs="*", help="run only these rows (names)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one GPU shared)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
 
     device = pick_device()
     data = DataOptions(data_dir=args.data_dir)
-    task = data.load("glue/sst2")
     base = TrialConfig(task="glue/sst2", spec={}, backbone=args.backbone, data=data,
                        fidelity=Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
                                          max_length=args.max_length, eval_batch_size=256))
@@ -135,26 +161,15 @@ def main() -> None:
                                                                 args.front_max_pct)]
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only]
-    rows: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        seeded = dataclasses.replace(base, fidelity=dataclasses.replace(base.fidelity, seed=seed))
-        for name, ours in jobs:
-            t0 = time.perf_counter()
-            try:
-                if ours is None:
-                    m = run_hf(name, seeded, task, device)
-                else:
-                    spec, lr = ours
-                    spec = {k: v for k, v in spec.items() if k != "num_layers"} | {"num_layers": num_layers}
-                    m = run_ours(spec, lr, seeded, task, device)
-                row = {"name": name, "seed": seed, "spec": spec if ours else name, **m}
-                print(f"{name} seed {seed}: acc {m['metric']:.4f} params {m['trainable_params']:,} "
-                      f"({m['trainable_pct']:.3f}%) mem {m['peak_memory_mb']:.0f} MiB train {m['train_seconds']:.1f}s "
-                      f"[{time.perf_counter() - t0:.0f}s]", flush=True)
-            except Exception as e:  # a baseline that cannot run is a recorded row, not a lost benchmark
-                row = {"name": name, "seed": seed, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-                print(f"{name} seed {seed}: ERROR {row['error']}", flush=True)
-            rows.append(row)
+    runs = [(name, ours, seed) for seed in args.seeds for name, ours in jobs]
+    if args.jobs > 1:  # runs are host-bound at MiniLM size: several processes share one GPU well
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            rows = list(pool.map(one_run, [(r, base, num_layers) for r in runs]))
+    else:
+        rows = [one_run((r, base, num_layers)) for r in runs]
 
     means = mean_rows(rows)
     fft = means.get("full_ft", {}).get("acc", float("nan"))
@@ -171,6 +186,7 @@ def main() -> None:
     write_results("baselines", rows, summary, out_dir=args.out, device=device,
                   notes=f"SST-2, {args.backbone}, train examples {args.examples or 'all'}, {args.epochs} epoch(s), "
                         f"batch {args.batch_size}, max length {args.max_length}, seeds {args.seeds}; "
+                        f"{args.jobs} run(s) at a time on one device (train seconds are under that sharing); "
                         f"HF PEFT lrs {HF_LR}; adapters lr 1e-3; front points from study {args.study}")
 
 

@@ -7,8 +7,17 @@ layer, nothing trained: no PEFT method can be cheaper), full fine-tuning, HF PEF
 all linears, with torch.compile, with fast_train_mode where the installed peft has it, DoRA, IA3) and ours
 (the same configs plus a serial adapter, each with the Triton kernels on and off).
 
-    python bench/kernels.py                 # GPU: both models, all methods (~15 min on an H100)
+A step at these sizes is bound by host-side launch work, so compiling changes the picture: `*_compile` arms
+wrap the model in `torch.compile(model)` (default mode, as the HF PEFT + compile arm), and are compared with
+the floor compiled the same way (`floor_compile`) as well as with the eager floor; `*_cudagraphs` arms use
+mode="reduce-overhead" (inductor plus CUDA graphs of the forward and the backward; the optimizer step stays
+outside), compared with `floor_cudagraphs`. Each row's `first_step_s` is the first step's wall time, i.e.
+the compile time for a compiled arm.
+
+    python bench/kernels.py                 # GPU: both models, all methods but CUDA graphs (~20 min on an H100)
     python bench/kernels.py --quick         # a few iterations each: a smoke test on the GPU
+    python bench/kernels.py --no-compile    # skip every compiled arm (each costs ~1 min of compilation)
+    python bench/kernels.py --cudagraphs    # add the reduce-overhead arms (named in --only, they run anyway)
     python bench/kernels.py --tiny --quick  # tiny configs on CPU (kernels off): exercises the script only
 
 Writes bench/results/kernels-<device>-<date>.json and prints the summary last. A config that fails (out of
@@ -22,6 +31,7 @@ import gc
 import importlib.util
 import inspect
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +89,8 @@ def build_model(setup: ModelSetup, device: torch.device, dtype: torch.dtype) -> 
     torch.manual_seed(0)
     with torch.device(device):  # weights are created on the device: no host-side init of a 1B model
         model = AutoModelForSequenceClassification.from_config(setup.config, attn_implementation="sdpa")
+    # what HF infers on the first call with labels; set up front, so a compiled model is not compiled twice
+    model.config.problem_type = "single_label_classification"
     return model.to(dtype).train()
 
 
@@ -108,9 +120,7 @@ def _hf_lora(r: int, where: str, *, dora: bool = False, compile_: bool = False,
                 raise Absent(f"peft {peft.__version__} has no LoraConfig(fast_train_mode=...)")
             kw["fast_train_mode"] = True
         m = peft.get_peft_model(model, peft.LoraConfig(**kw))
-        if compile_:
-            m = torch.compile(m)
-        return m, False
+        return (_compile(m) if compile_ else m), False
 
     return make
 
@@ -132,6 +142,36 @@ def _ours(spec: dict) -> Callable[[torch.nn.Module, ModelSetup], tuple[torch.nn.
     return make
 
 
+#: torch.compile modes of the compiled arms, by name suffix ("reduce-overhead" adds CUDA graphs)
+COMPILE_MODES = {"_compile": None, "_cudagraphs": "reduce-overhead"}
+
+
+def compile_mode(name: str) -> str | None:
+    """The arm's compile suffix ("_compile", "_cudagraphs"), or None for an eager arm."""
+    return next((suffix for suffix in COMPILE_MODES if name.endswith(suffix)), None)
+
+
+#: set to "aot_eager" on the CPU: the smoke run checks the script, not inductor's minute of C++ codegen per arm
+SMOKE_BACKEND: str | None = None
+
+
+def _compile(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """Every compiled arm, ours, HF PEFT's and the floor, goes through here: the same settings for all."""
+    if SMOKE_BACKEND is not None:
+        return torch.compile(model, backend=SMOKE_BACKEND)
+    return torch.compile(model) if mode is None else torch.compile(model, mode=mode)
+
+
+def _compiled(make: Callable, mode: str | None = None
+              ) -> Callable[[torch.nn.Module, ModelSetup], tuple[torch.nn.Module, bool]]:
+    """`make`'s model under torch.compile: default mode (as the HF PEFT + compile arm) or `mode`."""
+    def build(model: torch.nn.Module, setup: ModelSetup) -> tuple[torch.nn.Module, bool]:
+        model, embeds = make(model, setup)
+        return _compile(model, mode), embeds
+
+    return build
+
+
 class Absent(Exception):
     """The installed library lacks the feature a config needs: recorded as "absent", not as a failure."""
 
@@ -145,11 +185,17 @@ OUR_SPECS = {
     "serial64": {"serial_adapter": {"size": 64}},
     "ia3": {"ia3": ["k", "v", "ffn_out"]},
 }
+#: our configs that also get a torch.compile arm (the ones the issue sets targets for)
+COMPILED_SPECS = ("lora8_qv", "lora8_all", "serial64", "ia3")
 
 
 def methods() -> list[tuple[str, Callable, str | None]]:
     """(name, builder, kernel mode or None for methods that never touch our kernels)."""
-    out: list[tuple[str, Callable, str | None]] = [("floor", _floor, None), ("full_ft", _full, None)]
+    cg = COMPILE_MODES["_cudagraphs"]
+    # the floors first: a run cut off part-way still has what its ratios divide by
+    out: list[tuple[str, Callable, str | None]] = [
+        ("floor", _floor, None), ("floor_compile", _compiled(_floor), None),
+        ("floor_cudagraphs", _compiled(_floor, cg), None), ("full_ft", _full, None)]
     for r in (8, 64):
         for where in ("qv", "all"):
             out.append((f"hf_lora{r}_{where}", _hf_lora(r, where), None))
@@ -161,6 +207,11 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     for key, spec in OUR_SPECS.items():  # "auto" is what the trainer uses; "on" forces every Triton kernel
         out.append((f"ours_{key}", _ours(spec), "auto"))
         out.append((f"ours_triton_{key}", _ours(spec), "on"))
+    # compiled: ours on "auto" (the reference ops, which trace with no graph break), against a compiled floor
+    for key in COMPILED_SPECS:
+        out.append((f"ours_{key}_compile", _compiled(_ours(OUR_SPECS[key])), "auto"))
+    out += [("hf_lora8_all_cudagraphs", _compiled(_hf_lora(8, "all"), cg), None),
+            ("ours_lora8_all_cudagraphs", _compiled(_ours(OUR_SPECS["lora8_all"]), cg), "auto")]
     return out
 
 
@@ -174,9 +225,12 @@ def _free(device: torch.device) -> None:
         pass
 
 
-def _training_step(setup: ModelSetup, make: Callable, device: torch.device,
-                   dtype: torch.dtype) -> tuple[Callable[[], None], int]:
-    """A closure doing one full step (zero grads, forward, backward, AdamW), and the trainable count."""
+def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtype: torch.dtype,
+                   cudagraphs: bool = False) -> tuple[Callable[[], None], int]:
+    """A closure doing one full step (zero grads, forward, backward, AdamW), and the trainable count.
+
+    With `cudagraphs` each step first tells the CUDA-graph trees that a new iteration begins: the previous
+    step's graph outputs (loss, gradients, all consumed by then) may be overwritten by this step's replay."""
     model, embeds = make(build_model(setup, device, dtype), setup)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one launch for all parameters, the fair choice for every method alike
@@ -190,6 +244,8 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device,
         inputs = {"input_ids": ids}
 
     def step() -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         elif embeds:
@@ -208,17 +264,22 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
 
     row: dict[str, Any] = {"model": setup.name, "method": name, "kernels": mode, "step_ms": None,
                            "ratio_to_floor": None, "tokens_per_s": None, "peak_mem_mb": None,
-                           "trainable_params": None, "error": None}
+                           "trainable_params": None, "first_step_s": None, "ratio_to_compiled_floor": None,
+                           "error": None}
     if mode == "on" and device.type != "cuda":
         row["error"] = "skipped: the Triton kernels need a CUDA device (kernels are off on CPU)"
         return row
     step = None
     try:
         kernels.set_kernels(mode or "off")
-        step, row["trainable_params"] = _training_step(setup, make, device, dtype)
+        step, row["trainable_params"] = _training_step(setup, make, device, dtype,
+                                                       cudagraphs=compile_mode(name) == "_cudagraphs")
+        t0 = time.perf_counter()
         step()  # first call: compilation, autotuning, allocator growth; not in the peak below
         if device.type == "cuda":
             torch.cuda.synchronize()
+        row["first_step_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ms = time_cuda(step, warmup=warmup, iters=iters)
         row["step_ms"] = ms
@@ -238,6 +299,8 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
+    """Ratios to the eager floor for every row, and for compiled rows to the floor compiled the same way: a
+    compiled floor is faster too, so "ours compiled / eager floor" alone would flatter compiling."""
     summary: dict[str, float] = {}
     by = {(r["model"], r["method"]): r for r in rows}
     for r in rows:
@@ -245,6 +308,11 @@ def summarize(rows: list[dict]) -> dict[str, float]:
         if r["step_ms"] and floor:
             r["ratio_to_floor"] = r["step_ms"] / floor
             summary[f"{r['method']}_ratio_{r['model']}"] = r["ratio_to_floor"]
+        suffix = compile_mode(r["method"])
+        cfloor = by.get((r["model"], f"floor{suffix}"), {}).get("step_ms") if suffix else None
+        if r["step_ms"] and cfloor:
+            r["ratio_to_compiled_floor"] = r["step_ms"] / cfloor
+            summary[f"{r['method']}_ratio_compiled_floor_{r['model']}"] = r["ratio_to_compiled_floor"]
     for model in sorted({r["model"] for r in rows}):
         for key in OUR_SPECS:
             ours = by.get((model, f"ours_{key}"), {}).get("step_ms")
@@ -254,6 +322,11 @@ def summarize(rows: list[dict]) -> dict[str, float]:
                 summary[f"ours_vs_hf_{key}_speedup_{model}"] = hf / ours
             if ours and triton:
                 summary[f"triton_vs_auto_{key}_speedup_{model}"] = ours / triton
+            for suffix in COMPILE_MODES:
+                ours_c = by.get((model, f"ours_{key}{suffix}"), {}).get("step_ms")
+                hf_c = by.get((model, f"hf_{key}{suffix}"), {}).get("step_ms")
+                if ours_c and hf_c:
+                    summary[f"ours_vs_hf{suffix}_{key}_speedup_{model}"] = hf_c / ours_c
         fast = by.get((model, "hf_lora8_qv_fast"), {})
         summary[f"hf_fast_train_mode_present_{model}"] = float(bool(fast.get("step_ms")))
     # the keys the issue reads its targets from
@@ -264,12 +337,46 @@ def summarize(rows: list[dict]) -> dict[str, float]:
                             ("adapter64_x_floor", "ours_serial64"), ("ia3_x_floor", "ours_ia3")):
             if ratio(f"{method}_ratio_{model}") is not None:
                 summary[f"{name}_{key}"] = ratio(f"{method}_ratio_{model}")
+        for mode, suffix in (("compile", "_compile"), ("cudagraphs", "_cudagraphs")):
+            for key, method in (("lora_r8_all", "ours_lora8_all"), ("hf_peft_lora_r8_all", "hf_lora8_all"),
+                                ("lora_r8_qv", "ours_lora8_qv"), ("adapter64", "ours_serial64"), ("ia3", "ours_ia3")):
+                # e.g. roberta_large_compile_lora_r8_all_x_floor, ..._x_compiled_floor; hf_peft_compile_...
+                label = f"hf_peft_{mode}{key.removeprefix('hf_peft')}" if key.startswith("hf_") else f"{mode}_{key}"
+                if ratio(f"{method}{suffix}_ratio_{model}") is not None:
+                    summary[f"{name}_{label}_x_floor"] = ratio(f"{method}{suffix}_ratio_{model}")
+                if ratio(f"{method}{suffix}_ratio_compiled_floor_{model}") is not None:
+                    summary[f"{name}_{label}_x_{'compiled' if mode == 'compile' else mode}_floor"] = \
+                        ratio(f"{method}{suffix}_ratio_compiled_floor_{model}")
+            hf_c = by.get((model, f"hf_lora8_all{suffix}"), {}).get("step_ms")
+            ours_c = by.get((model, f"ours_lora8_all{suffix}"), {}).get("step_ms")
+            if hf_c and ours_c:
+                summary[f"{name}_{mode}_lora_r8_all_vs_hf_peft_{mode}_speedup"] = hf_c / ours_c
         for key, method in (("hf_peft_compile_lora_r8_all_ms", "hf_lora8_all_compile"),
-                            ("lora_r8_all_ms", "ours_lora8_all")):
+                            ("lora_r8_all_ms", "ours_lora8_all"), ("compile_lora_r8_all_ms", "ours_lora8_all_compile"),
+                            ("floor_ms", "floor"), ("compiled_floor_ms", "floor_compile"),
+                            ("cudagraphs_lora_r8_all_ms", "ours_lora8_all_cudagraphs"),
+                            ("cudagraphs_floor_ms", "floor_cudagraphs")):
             ms = by.get((model, method), {}).get("step_ms")
             if ms:
                 summary[f"{name}_{key}"] = ms
     return summary
+
+
+def selected(all_methods: list[tuple[str, Callable, str | None]], chosen: set[str], no_compile: bool,
+             cudagraphs: bool) -> list[tuple[str, Callable, str | None]]:
+    """The arms to run: `chosen` (all when empty) less what the flags leave out, plus the floor every ratio
+    needs (eager always, and the one compiled the same way as any compiled arm that runs)."""
+    keep = []
+    for name, make, mode in all_methods:
+        suffix = compile_mode(name)
+        if (suffix and no_compile) or (chosen and name not in chosen and name != "floor"):
+            continue
+        if suffix == "_cudagraphs" and not (cudagraphs or name in chosen):
+            continue
+        keep.append((name, make, mode))
+    names = {n for n, _, _ in keep}
+    names |= {f"floor{compile_mode(n)}" for n in names if compile_mode(n)}
+    return [m for m in all_methods if m[0] in names]
 
 
 def main() -> None:
@@ -278,8 +385,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model configs (hidden 64, 2 layers): runs on CPU")
     ap.add_argument("--cpu-smoke", action="store_true", help="same as --tiny --quick on the CPU")
     ap.add_argument("--models", default="roberta,llama", help="comma-separated subset of roberta,llama")
-    ap.add_argument("--only", default="", help="comma-separated method names to run (floor is always run)")
+    ap.add_argument("--only", default="", help="comma-separated method names to run (floor is always run, and "
+                                               "floor_compile or floor_cudagraphs with any arm compiled that way)")
     ap.add_argument("--only-llama", default="", help="like --only, for the Llama model alone (time on a lease)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile arms (*_compile, *_cudagraphs)")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="run the reduce-overhead (CUDA graphs) arms too; named in --only they run regardless")
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -287,6 +398,8 @@ def main() -> None:
         args.tiny = args.quick = True
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    global SMOKE_BACKEND
+    SMOKE_BACKEND = None if device.type == "cuda" else "aot_eager"
     warmup, iters = (1, 3) if args.quick else (5, 20)
     iters = args.iters or iters
     wanted = {m for m in args.models.split(",") if m}
@@ -295,14 +408,13 @@ def main() -> None:
     for setup in model_setups(args.tiny):
         if setup.name not in wanted:
             continue
-        for name, make, mode in methods():
-            chosen = {m for m in args.only_llama.split(",") if m} if setup.name == "llama" and args.only_llama else only
-            if chosen and name not in chosen and name != "floor":
-                continue
+        chosen = {m for m in args.only_llama.split(",") if m} if setup.name == "llama" and args.only_llama else only
+        for name, make, mode in selected(methods(), chosen, args.no_compile, args.cudagraphs):
             row = run_one(setup, name, make, mode, device, dtype, warmup, iters)
             rows.append(row)
             shown = f"{row['step_ms']:.2f} ms" if row["step_ms"] else row["error"]
-            print(f"{setup.name:8s} {name:22s} {shown}  peak {row['peak_mem_mb'] or 0:.0f} MiB", flush=True)
+            first = f"  first step {row['first_step_s']:.1f} s" if row["first_step_s"] is not None else ""
+            print(f"{setup.name:8s} {name:26s} {shown}  peak {row['peak_mem_mb'] or 0:.0f} MiB{first}", flush=True)
         save(rows, args, device, dtype, wanted, warmup, iters)  # after each model: a cut-off run keeps its numbers
 
 
@@ -314,7 +426,10 @@ def save(rows: list[dict], args: argparse.Namespace, device: torch.device, dtype
                   notes=f"one training step (fwd+bwd+AdamW), median of {iters} after {warmup} warm-up; "
                         f"random weights, {str(dtype).removeprefix('torch.')}; {shapes}; "
                         f"floor = frozen backbone with grad to inputs_embeds; device {device_name(device)}; "
-                        f"ours_* = the trainer's default (kernels auto), ours_triton_* = every Triton kernel on")
+                        f"ours_* = the trainer's default (kernels auto), ours_triton_* = every Triton kernel on; "
+                        f"*_compile = torch.compile(model) (default mode), *_cudagraphs = mode reduce-overhead, "
+                        f"ratio_to_compiled_floor = over the floor compiled the same way"
+                        + (f"; compiled arms on backend {SMOKE_BACKEND} (smoke run)" if SMOKE_BACKEND else ""))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,16 @@ the low-rank epilogue costs more per launch (autotuner wrapper, ~35 arguments) t
 replaces, and is 35-60% slower than cuBLAS on large shapes; the reference instead folds the low-rank term
 into the base output with one accumulating cuBLAS GEMM (`addmm`), which removes the scale and add kernels.
 `AUTO_TRITON` lists the ops "auto" sends to Triton, so a kernel that wins a measurement is one line away.
+
+The dispatch reads only the mode, the op's name and `x.is_cuda`, and asks for triton once per process, so
+`torch.compile` of a model calling these ops traces straight through to the reference's plain PyTorch ops
+with no graph break (tests/peft/test_compile.py): on "auto" a compiled step is the reference, fused by
+inductor.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -41,7 +47,9 @@ def kernels_mode() -> str:
     return _mode
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Cached: a module search per op call is host time on every layer, and dynamo cannot trace it."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -40,15 +40,16 @@ def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: tor
 
 def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], As: list[torch.Tensor],
                       Bs: list[torch.Tensor], scalings: list[float]) -> list[torch.Tensor]:
-    """Several LoRA linears reading the same input (q, k, v): one `x @ [A_q; A_k; A_v]^T` shared by all."""
-    xa = F.linear(x, torch.cat([_cast(a, x) for a in As], 0))
-    outs, start = [], 0
-    for w, b, a, bb, s in zip(ws, bs, As, Bs, scalings, strict=True):
-        r = a.shape[0]
-        part = xa[..., start:start + r]
-        outs.append(_add_low_rank(F.linear(x, _cast(w, x), _cast(b, x)), part, _cast(bb, part), s))
-        start += r
-    return outs
+    """Several LoRA linears reading the same input (q, k, v): one `x @ [A_q; A_k; A_v]^T` shared by all.
+
+    The A's are concatenated before the cast (one cast kernel, not one per A) and the shared product is cut
+    with `split`, whose backward is a single concatenation of the parts' gradients (slicing would zero-fill
+    and copy a full-width buffer per part). Each part then goes through exactly `lora_linear`'s epilogue.
+    """
+    xa = F.linear(x, _cast(torch.cat(As, 0), x))
+    parts = xa.split([a.shape[0] for a in As], -1)
+    return [_add_low_rank(F.linear(x, _cast(w, x), _cast(b, x)), part, _cast(bb, part), s)
+            for w, b, part, bb, s in zip(ws, bs, parts, Bs, scalings, strict=True)]
 
 
 def dora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,

@@ -146,3 +146,42 @@ def test_botorch_proposes_only_new_configurations_with_a_canonical_key() -> None
         keys.append(key(trial.params))
         study.tell(trial, [0.55 + 0.3 * (1 - math.exp(-n / 60)) + rng.gauss(0, 0.01), math.log10(1 + n)])
     assert len(set(keys)) == len(keys)
+
+
+def test_botorch_q_batch_enqueues_the_rest_of_the_batch_within_the_budget() -> None:
+    """One GP fit proposes `batch` new configurations: the asked trial gets the first, the others wait in the
+    study (tagged with the trial that proposed them) and the next asks take them without fitting; `room`
+    caps what is enqueued, so a study at its budget is left with nothing waiting."""
+    import json
+
+    from autopeft.sampler import BATCH_ATTR, LogNEHVICandidates
+
+    def key(params: dict) -> str:
+        return json.dumps(SPACE.decode(params, LAYERS).to_dict(), sort_keys=True)
+
+    budget = 9
+    room = lambda s: budget - len(s.get_trials(states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                       TrialState.WAITING)))
+    sampler = make_sampler("botorch", 0, 5, constraints=False, n_objectives=3, canonical=key, batch=3, room=room)
+    fits = []
+    cf = sampler._candidates_func
+    assert isinstance(cf, LogNEHVICandidates)
+    original = cf._fit
+    cf._fit = lambda x, y: fits.append(len(x)) or original(x, y)
+    study = optuna.create_study(directions=DIRECTIONS, sampler=sampler)
+    study.optimize(fake_objective(3), n_trials=5)  # the random start
+    assert fits == []
+    study.optimize(fake_objective(3), n_trials=1)  # trial 5: one fit, trials 6 and 7 queued
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert fits == [5] and [t.user_attrs[BATCH_ATTR] for t in waiting] == [5, 5]
+    study.optimize(fake_objective(3), n_trials=2)  # the queued proposals: no new fit
+    assert fits == [5] and not study.get_trials(states=(TrialState.WAITING,))
+    study.optimize(fake_objective(3), n_trials=1)  # trial 8 is the last of the budget: nothing to enqueue
+    assert fits == [5, 8] and not study.get_trials(states=(TrialState.WAITING,))
+    keys = [key(t.params) for t in study.trials]
+    assert len(set(keys[5:])) == 4 and not set(keys[5:]) & set(keys[:5])  # the batch spreads over new configs
+
+
+def test_proposal_batch_must_be_positive() -> None:
+    with pytest.raises(UserError, match="proposal batch must be >= 1"):
+        make_sampler("botorch", 0, 5, constraints=False, n_objectives=3, batch=0)

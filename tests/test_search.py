@@ -49,6 +49,31 @@ def test_study_completes_scores_honestly_and_keeps_weights(tmp_path: Path, tiny_
         assert t.user_attrs["spec"]["num_layers"] == 2
 
 
+def test_packed_study_trains_packs_and_tells_each_trial(tmp_path: Path, tiny_backbone_dir: Path,
+                                                        toy: DataOptions) -> None:
+    """--pack-size 3 with BoTorch: the start points train three at a time, then one GP fit proposes a whole
+    pack (its q-batch); every trial is told its own values, and what a packed trial records is what the same
+    configuration gets trained alone (same seeds and data: the packing equivalence, end to end)."""
+    from autopeft.sampler import BATCH_ATTR
+    from autopeft.search import PACK_ATTR, prepare
+    from autopeft.train import run_trial
+
+    opts = options(tmp_path, tiny_backbone_dir, toy, n_trials=6, n_startup_trials=3, sampler="botorch",
+                   pack_size=3)
+    study = run_search(opts, echo=lambda _: None)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 6 and not study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    packs = {t.number: t.user_attrs[PACK_ATTR] for t in done if PACK_ATTR in t.user_attrs}
+    assert [p["first"] for p in packs.values()] == [0, 0, 0, 3, 3, 3] and {p["size"] for p in packs.values()} == {3}
+    assert [t.user_attrs.get(BATCH_ATTR) for t in done[3:]] == [None, 3, 3]  # one BoTorch fit for the 2nd pack
+    assert len({json.dumps(t.user_attrs["spec"], sort_keys=True) for t in done}) == 6
+    prepared = prepare(options(tmp_path / "other", tiny_backbone_dir, toy))
+    alone = run_trial(prepared.trial_config(done[4].user_attrs["spec"]), task=prepared.task_data, select="heldout",
+                      heldout_fraction=40 / len(prepared.task_data.train), device="cpu", progress=False)
+    assert alone.metrics.metric == pytest.approx(done[4].user_attrs["metric"], abs=1e-6)
+    assert alone.metrics.train_loss == pytest.approx(done[4].user_attrs["train_loss"], rel=1e-4)
+
+
 def test_resume_continues_without_rerunning(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions) -> None:
     opts = options(tmp_path, tiny_backbone_dir, toy, n_trials=2)
     first = run_search(opts, echo=lambda _: None)
@@ -123,6 +148,8 @@ def test_front_command_json(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOp
     (["--max-params", "10"], "cannot be met"),
     (["--max-params", "lots"], "--max-params"),
     (["--n-trials", "0"], "--n-trials"),
+    (["--pack-size", "0"], "--pack-size"),
+    (["--proposal-batch", "0"], "--proposal-batch"),
 ])
 def test_bad_search_input_exit_2_nothing_created(flags: list[str], needle: str, tmp_path: Path,
                                                  tiny_backbone_dir: Path, toy: DataOptions, capsys) -> None:

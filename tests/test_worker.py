@@ -269,3 +269,32 @@ def test_options_roundtrip_from_study(postgres_url: str, tmp_path: Path, tiny_ba
         assert getattr(back, f) == getattr(opts, f), f
     assert back.max_params == "12345" and back.resume
     assert dataclasses.replace(back, seed=opts.seed).seed == opts.seed
+
+
+def test_work_in_packs_tells_each_trial_its_outcome_within_the_budget(tmp_path: Path) -> None:
+    """The packing loop on its own (a stand-in pack, SQLite with heartbeats): trials are asked K at a time but
+    never past the budget, params are sampled when asked, and each trial is told its own outcome."""
+    from optuna.distributions import IntDistribution
+
+    from autopeft.errors import TrialFailed
+    from autopeft.search import open_storage
+    from autopeft.worker import work
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("n_trials", 7)
+    packs: list[list[int]] = []
+
+    def pack(trials: list[optuna.Trial]) -> list:
+        packs.append([t.number for t in trials])
+        return [TrialFailed("nan", "loss became nan") if t.number == 4 else [float(t.params["x"])] for t in trials]
+
+    stats = work(study, lambda t: 0.0, pack=pack, pack_size=3, distributions={"x": IntDistribution(0, 99)},
+                 echo=lambda _: None)
+    assert packs == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert (stats.complete, stats.failed) == (7, 1)
+    trials = study.get_trials()
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 7
+    assert trials[4].state == TrialState.FAIL and trials[4].user_attrs[FAIL_REASON] == "nan"
+    assert all(t.values == [float(t.params["x"])] for t in trials if t.state == TrialState.COMPLETE)
+    assert all(t.user_attrs[WORKER_ATTR].endswith(f":{os.getpid()}") for t in trials)

@@ -1,9 +1,9 @@
 """Place PEFT modules into a backbone from a `PeftSpec`.
 
 The only function that mutates a model. It freezes the backbone, swaps the named nn.Linear layers for
-`PeftLinear` where LoRA/DoRA/IA3 sit, hooks adapters onto sub-layer outputs, attaches prefixes to attention
-modules, unfreezes BitFit biases and the task head. Everything it adds is named `autopeft_*` so weights can
-be saved and exported by name.
+`PeftLinear` where LoRA/DoRA/IA3 sit (tying those that read one input, q/k/v and gate/up, so they share one
+x A^T), hooks adapters onto sub-layer outputs, attaches prefixes to attention modules, unfreezes BitFit biases
+and the task head. Everything it adds is named `autopeft_*` so weights can be saved and exported by name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from autopeft.errors import UserError
 from autopeft.models import architecture_of, get_layers, head_parameters
 from autopeft.peft.bitfit import enable_bitfit
 from autopeft.peft.count import ModelDims
-from autopeft.peft.linear import PeftLinear
+from autopeft.peft.linear import PeftLinear, share_lora_input
 from autopeft.peft.parallel_adapter import ParallelAdapter
 from autopeft.peft.prefix import PrefixKV, use_prefix_attention
 from autopeft.peft.serial_adapter import SerialAdapter
@@ -37,8 +37,12 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, new)
 
 
-def inject(model: nn.Module, spec: PeftSpec) -> Injected:
-    """Mutate `model` in place to carry `spec`; returns the measured parameter counts."""
+def inject(model: nn.Module, spec: PeftSpec, *, share_input: bool = True) -> Injected:
+    """Mutate `model` in place to carry `spec`; returns the measured parameter counts.
+
+    `share_input` ties the LoRA linears the backbone calls on one input (q/k/v, gate/up; the architecture's
+    `shared_input`) so their x A^T is one GEMM; it changes no result, and False exists to test exactly that.
+    """
     arch = architecture_of(model)
     layers = get_layers(model)
     if spec.num_layers != len(layers):
@@ -61,6 +65,8 @@ def inject(model: nn.Module, spec: PeftSpec) -> Injected:
                 _replace(layer, path, PeftLinear(
                     base, module_type, rank=rank, alpha=spec.lora_alpha(rank), dropout=spec.lora_dropout,
                     rslora=spec.lora_rslora, dora=spec.dora, ia3=ia3))
+        if share_input:
+            share_lora_input(layer, arch.shared_input)
         if spec.serial_adapter[i]:
             sites = {"ffn": arch.ffn_out}
             if spec.serial_position == "houlsby":

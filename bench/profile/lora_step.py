@@ -1,4 +1,8 @@
-"""Where a LoRA training step's time goes (ours vs HF PEFT), roberta-large size: torch.profiler top ops."""
+"""Where a LoRA training step's time goes (ours vs HF PEFT), roberta-large size: torch.profiler top ops.
+
+    python bench/profile/lora_step.py                                  # hf_lora8_all, ours_lora8_all
+    python bench/profile/lora_step.py ours_lora8_all_compile floor_compile   # any bench/kernels.py arms
+"""
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,12 +17,13 @@ sys.modules["kb"] = kb
 spec.loader.exec_module(kb)
 setup = kb.model_setups(False)[0]
 dev = torch.device("cuda")
+wanted = sys.argv[1:] or ["hf_lora8_all", "ours_lora8_all"]
 for name, make, mode in kb.methods():
-    if name not in ("hf_lora8_all", "ours_lora8_all"):
+    if name not in wanted:
         continue
     from autopeft import kernels
     kernels.set_kernels(mode or "off")
-    step, _ = kb._training_step(setup, make, dev, torch.bfloat16)
+    step, _ = kb._training_step(setup, make, dev, torch.bfloat16, cudagraphs=kb.compile_mode(name) == "_cudagraphs")
     for _ in range(3):
         step()
     torch.cuda.synchronize()
