@@ -57,6 +57,7 @@ MC_SAMPLES = 64
 MAX_ITER = 100
 FIT_MAXITER = 75
 MAX_BASELINE = 24  # baseline points kept for qLogNEHVI (see _propose)
+GREEDY_POOL = 32  # candidates the 2nd..qth point of a q-batch is chosen among (see discrete)
 
 _log = logging.getLogger(__name__)
 
@@ -298,15 +299,18 @@ class LogNEHVICandidates:
         if not rows:
             return best
         cand = normalize(torch.stack(rows), bounds=bounds)
-        chosen: list[int] = []
-        with torch.no_grad():  # sequential greedy: each next point maximises the joint value with those chosen
-            for _ in range(min(self.batch, len(rows))):
+        with torch.no_grad():
+            single = torch.cat([acqf(chunk.unsqueeze(1)) for chunk in cand.split(128)])
+            chosen = [int(single.argmax())]
+            # sequential greedy: each next point maximises the joint value with those chosen, among the
+            # GREEDY_POOL best single points (a joint q-batch evaluation costs q times a single one, and a point
+            # of low value alone rarely completes a batch well)
+            top = single.topk(min(GREEDY_POOL, len(rows))).indices
+            for _ in range(min(self.batch, len(rows)) - 1):
                 fixed = cand[chosen].unsqueeze(0)
-                values = torch.cat([acqf(torch.cat([fixed.expand(len(chunk), -1, -1), chunk.unsqueeze(1)], dim=1))
-                                    for chunk in cand.split(128)])
-                if chosen:
-                    values[chosen] = -torch.inf
-                chosen.append(int(values.argmax()))
+                values = acqf(torch.cat([fixed.expand(len(top), -1, -1), cand[top].unsqueeze(1)], dim=1))
+                values[torch.isin(top, torch.tensor(chosen))] = -torch.inf
+                chosen.append(int(top[int(values.argmax())]))
         picked = [rows[i] for i in chosen]
         self.extra = [trans.untransform(row.numpy()) for row in picked[1:]]
         return picked[0].unsqueeze(0)

@@ -130,7 +130,7 @@ def tiny_setup(root: Path) -> tuple[str, DataOptions]:
                                       label_column="label")
 
 
-def random_large(root: Path) -> str:
+def random_large(root: Path, tokenizer: str | None = None) -> str:
     """A roberta-large-size encoder (24 layers, 1024 hidden, 16 heads, 4096 FFN; BERT architecture, MiniLM's
     tokenizer) with random weights, saved in bf16: the machine running this has no network, and speed does not
     depend on the weights. Accuracies of this arm are those of a random encoder (the speed is the point)."""
@@ -144,9 +144,10 @@ def random_large(root: Path) -> str:
                         intermediate_size=4096, max_position_embeddings=514, num_labels=2)
     backbone = root / "random-roberta-large-size"
     AutoModelForSequenceClassification.from_config(config).to(torch.bfloat16).save_pretrained(backbone)
+    source = Path(tokenizer) if tokenizer else packaged_minilm()
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (packaged_minilm() / f).is_file():
-            shutil.copy(packaged_minilm() / f, backbone / f)
+        if (source / f).is_file():
+            shutil.copy(source / f, backbone / f)
     return str(backbone)
 
 
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny random BERT, toy data, few steps")
     ap.add_argument("--backbone", default="random-roberta-large",
                     help="a local dir, 'minilm', or random-roberta-large (random weights at that size, built here)")
+    ap.add_argument("--tokenizer", help="a model dir whose BERT tokenizer the random model uses (default: MiniLM's)")
     ap.add_argument("--task", default="glue/sst2")
     ap.add_argument("--data-dir", default=os.environ.get("AUTOPEFT_DATA_DIR") or str(
         Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -181,7 +183,7 @@ def main() -> None:
         backbone, data, task_name, device = args.backbone, DataOptions(data_dir=args.data_dir), args.task, pick_device()
         if backbone == "random-roberta-large":
             tmp = Path(tempfile.mkdtemp(prefix="autopeft-bench-packing-"))
-            backbone = random_large(tmp)
+            backbone = random_large(tmp, args.tokenizer)
         fid = Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
                        max_length=args.max_length)
     task = data.load(task_name)

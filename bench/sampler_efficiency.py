@@ -212,7 +212,7 @@ def canonical(space: Any, params: Mapping[str, Any], num_layers: int) -> dict[st
 
 
 # ----- one replay ------------------------------------------------------------------------------------------------
-def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int) -> dict[str, Any]:
+def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int, batch: int = 4) -> dict[str, Any]:
     """One (sampler, seed) study of `trials` trials on the table: the row each trial hit and the HV curve."""
     import optuna
 
@@ -227,8 +227,13 @@ def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int) -
     def key(params: Mapping[str, Any]) -> str:
         return spec_key(space.decode(params, layers).to_dict())
 
+    def room(s: optuna.Study) -> int:  # as autopeft.search.room_left: no proposal past the budget
+        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        return trials - len(s.get_trials(deepcopy=False, states=live))
+
     study = optuna.create_study(directions=list(DIRECTIONS), sampler=make_sampler(
-        sampler, seed=seed, n_startup_trials=n_startup, constraints=False, n_objectives=3, canonical=key))
+        sampler, seed=seed, n_startup_trials=n_startup, constraints=False, n_objectives=3, canonical=key,
+        batch=batch, room=room))
     # as autopeft.search.prepare: the study's seeded random start points, enqueued for every sampler
     for p in sample_configs(space, layers, random.Random(seed), n_startup,
                             tries=200 * max(1, n_startup), fits=lambda _s: True):
@@ -266,9 +271,10 @@ def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int) -
             "seconds": time.perf_counter() - t0}
 
 
-def _replay_job(table_path: str, sampler: str, seed: int, trials: int, n_startup: int) -> dict[str, Any]:
+def _replay_job(table_path: str, sampler: str, seed: int, trials: int, n_startup: int, batch: int
+                ) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return replay(Table.load(table_path), sampler, seed, trials, n_startup)
+    return replay(Table.load(table_path), sampler, seed, trials, n_startup, batch)
 
 
 # ----- main --------------------------------------------------------------------------------------------------
@@ -284,6 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per sampler")
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--n-startup-trials", type=int, default=8, help="as studies/glue-sst2.yaml")
+    ap.add_argument("--proposal-batch", type=int, default=4, help="BoTorch q-batch, as studies/glue-sst2.yaml")
     ap.add_argument("--jobs", type=int, default=1, help="(sampler, seed) replays in parallel processes")
     ap.add_argument("--out", default=str(BENCH / "results"))
     return ap.parse_args(argv)
@@ -310,13 +317,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.jobs <= 1:
         for s, seed in pairs:
-            done(replay(table, s, seed, args.trials, args.n_startup_trials))
+            done(replay(table, s, seed, args.trials, args.n_startup_trials, args.proposal_batch))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_replay_job, str(path), s, seed, args.trials, args.n_startup_trials)
+            futures = [pool.submit(_replay_job, str(path), s, seed, args.trials, args.n_startup_trials,
+                                   args.proposal_batch)
                        for s, seed in pairs]
             for fut in as_completed(futures):
                 done(fut.result())
@@ -338,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              f"row on the canonical normalised index encoding; HV of hit rows on losses (-metric, log10 params, "
              f"memory MiB) min-max normalised over the table's measured rows, reference {REF} per dimension "
              f"(table_hv = the table's own HV); n_startup_trials {args.n_startup_trials} enqueued seeded points; "
+             f"BoTorch proposal batch {args.proposal_batch}; "
              f"seeds 0..{args.seeds - 1}; plot {png}")
     write_results("sampler_efficiency", rows, summary, out_dir=args.out, notes=notes, device=device)
     return summary

@@ -1,0 +1,63 @@
+"""The accuracy/size picture of a `bench/baselines.py` result: dev accuracy (mean ± sd over seeds) against
+trainable parameters, HF PEFT baselines beside our adapters and the retrained autopeft front, full fine-tuning as
+a line. The README's figure is this script run on the committed results file.
+
+    python bench/plot_baselines.py bench/results/baselines-h200-2026-11-29.json   # -> the same name, .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+STYLE = {"hf_": ("HF PEFT defaults", "s", "#d62728"), "ours_": ("bottleneck adapters (ours)", "^", "#7f7f7f"),
+         "autopeft_": ("autopeft front, retrained", "D", "#1f77b4")}
+
+
+def plot(results: Path, png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = json.loads(results.read_text())
+    means = next(r["means"] for r in record["rows"] if r.get("name") == "means")
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for prefix, (label, marker, color) in STYLE.items():
+        rows = {n: v for n, v in means.items() if n.startswith(prefix)}
+        if not rows:
+            continue
+        ax.errorbar([v["params"] for v in rows.values()], [100 * v["acc"] for v in rows.values()],
+                    yerr=[100 * v["acc_sd"] for v in rows.values()], fmt=marker, color=color, capsize=3,
+                    markersize=7, label=label)
+        for n, v in rows.items():
+            ax.annotate(n.removeprefix(prefix), (v["params"], 100 * v["acc"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7)
+    if "full_ft" in means:
+        fft = 100 * means["full_ft"]["acc"]
+        ax.axhline(fft, color="black", linestyle="--", linewidth=1,
+                   label=f"full fine-tuning {fft:.1f}% ({means['full_ft']['params']:,} params)")
+        ax.axhspan(fft - 0.5, fft, color="black", alpha=0.06, label="within 0.5 points of full FT")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel("SST-2 dev accuracy, % (mean ± sd over seeds)")
+    ax.set_title(f"{record['bench']} · {record['device']} · {record['date']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, help="a bench/results/baselines-*.json")
+    ap.add_argument("--png", type=Path, help="output (default: the results path with .png)")
+    args = ap.parse_args()
+    print(plot(args.results, args.png or args.results.with_suffix(".png")))
+
+
+if __name__ == "__main__":
+    main()
