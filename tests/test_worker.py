@@ -186,7 +186,8 @@ N_CHAOS = 30
 
 @pytest.fixture(scope="module")
 def chaos(postgres, tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path, toy: DataOptions) -> dict:
-    """30 trials, 3 workers on PostgreSQL (study and MLflow store both on it); worker 0 SIGKILLed twice mid-trial."""
+    """30 trials, 3 workers on PostgreSQL (study and MLflow store both on it); a worker SIGKILLed mid-trial, twice
+    (whichever is mid-trial when looked at: trials are fast, so waiting for one particular worker can miss)."""
     tmp = tmp_path_factory.mktemp("chaos")
     url = postgres.create_database("chaos")
     tracking = postgres.create_database("chaos_mlflow")
@@ -199,13 +200,19 @@ def chaos(postgres, tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir:
     procs = [spawn() for _ in range(3)]
     killed: list[int] = []
     started = time.time()
+    found: list[int] = []
+
+    def one_mid_trial() -> bool:  # any live worker with a RUNNING trial (trials take ~1 s: poll, then act)
+        found[:] = [i for i, p in enumerate(procs) if p.poll() is None and _running_on(url, p.pid, "chaos")][:1]
+        return bool(found)
+
     for _ in range(2):
-        victim = procs[0]
-        _wait(lambda v=victim: _running_on(url, v.pid, "chaos"), 180, "worker 0 mid-trial", procs)
+        _wait(one_mid_trial, 180, "a worker mid-trial", procs)
+        victim = procs[found[0]]
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         killed.append(victim.pid)
-        procs[0] = spawn()
+        procs[found[0]] = spawn()
     outs = []
     for p in procs:
         try:
