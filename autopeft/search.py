@@ -600,10 +600,6 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
          f"space {opts.space} ({len(prepared.distributions)} parameters), sampler {opts.sampler}, "
          f"{completed(study)}/{opts.n_trials} trials done")
     tracker = start_tracking(opts, study, echo)
-    if tracker is not None and not (opts.workers is not None and opts.workers > 1):
-        from autopeft.tracking import BackgroundLog
-
-        tracker = BackgroundLog(tracker)  # trials never wait on MLflow; finish() drains it
     if remaining <= 0:
         if tracker:
             tracker.finish(study)

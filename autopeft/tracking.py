@@ -656,36 +656,3 @@ def mask_text(text: str, url: str) -> str:
     password = urlsplit(url).password if "://" in url else None
     return text.replace(password, "***") if password else text
 
-
-
-class BackgroundLog:
-    """A Tracker whose `log_trial` runs on one background thread, in trial order, so that the search loop never
-    waits on MLflow: logging a trial (child run, metrics, front tags, the report) takes 0.2-0.5 s, which the
-    next trial would otherwise pay before it starts. `finish` drains the queue first, so the store is complete
-    when the search returns; a crash loses only what was queued, which `--resume` catches up (`unlogged`).
-    Everything else is the wrapped tracker's, called in the caller's thread.
-    """
-
-    def __init__(self, tracker: Tracker) -> None:
-        import queue
-        import threading
-
-        self.tracker = tracker
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._drain, name="autopeft-mlflow", daemon=True)
-        self._thread.start()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tracker, name)
-
-    def log_trial(self, study: optuna.Study, trial: FrozenTrial, loss_curve: Sequence[float] | None = None) -> None:
-        self._queue.put((study, trial, loss_curve))
-
-    def finish(self, study: optuna.Study) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.tracker.finish(study)
-
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
-            self.tracker.log_trial(*item)  # never raises (Tracker's contract)

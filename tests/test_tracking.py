@@ -204,39 +204,3 @@ def toy_data(root: Path) -> Any:
     return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 240, 0)),
                        dev_file=str(write_sentiment_csv(d / "dev.csv", 60, 1)), text_column="review",
                        label_column="label")
-
-
-def test_background_log_keeps_trial_order_and_finish_drains_it() -> None:
-    """The search loop hands finished trials to a background logger: they reach MLflow in trial order, the loop
-    does not wait for them, and `finish` returns only after every queued trial was logged."""
-    import threading
-    import time as _time
-
-    from autopeft.tracking import BackgroundLog
-
-    class Slow:
-        parent_run_id = "p"
-
-        def __init__(self) -> None:
-            self.logged: list[int] = []
-            self.finished_after: list[int] | None = None
-            self.threads: set[str] = set()
-
-        def log_trial(self, study, trial, loss_curve=None) -> None:
-            _time.sleep(0.05)
-            self.threads.add(threading.current_thread().name)
-            self.logged.append(trial)
-
-        def finish(self, study) -> None:
-            self.finished_after = list(self.logged)
-
-    slow = Slow()
-    log = BackgroundLog(slow)
-    started = _time.perf_counter()
-    for number in range(6):
-        log.log_trial(None, number)
-    assert _time.perf_counter() - started < 0.05  # the caller never waited on a 50 ms log
-    assert log.parent_run_id == "p"  # everything else is the wrapped tracker's
-    log.finish(None)
-    assert slow.logged == list(range(6)) and slow.finished_after == list(range(6))
-    assert slow.threads == {"autopeft-mlflow"}
