@@ -472,7 +472,7 @@ def pack_objective(prepared: Study) -> Callable[[list[optuna.Trial]], list[list[
 
         from autopeft.packing import train_pack
 
-        outcomes: list[list[float] | TrialFailed | None] = [None] * len(trials)
+        outcomes: list[Any] = [None] * len(trials)  # values or TrialFailed: every slot is filled below
         todo: list[tuple[int, optuna.Trial, PeftSpec]] = []
         for i, trial in enumerate(trials):
             spec, reused = begin(prepared, trial)
@@ -504,7 +504,7 @@ def pack_objective(prepared: Study) -> Callable[[list[optuna.Trial]], list[list[
                     outcomes[i] = result
                 else:
                     outcomes[i] = record_result(prepared, trial, result)
-        return [o for o in outcomes if o is not None]
+        return outcomes
 
     return run
 
@@ -642,16 +642,6 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
         if completed(study) >= opts.n_trials and opts.pack_size == 1:  # the packed loop checks the budget itself
             study.stop()
 
-    started = time.time()
-    if opts.pack_size > 1:
-        try:
-            _run_packed(prepared, tracker, after)
-        finally:
-            bar.close()
-            if tracker:
-                tracker.finish(study)
-        echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s (packs of up to {opts.pack_size})")
-        return study
     run = objective(prepared)
 
     def tracked(trial: optuna.Trial) -> list[float]:
@@ -659,18 +649,23 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
             tracker.begin_trial(trial)  # the child run shows RUNNING, and its id is a user attr of the trial
         return run(trial)
 
+    started = time.time()
     # Everything alive now (torch, transformers, BoTorch, MLflow, the task and its tokenisation) lives for the
     # whole search: frozen, the collection after each trial only walks what the trial made (0.25 s -> ~0 s).
     gc.freeze()
     try:
-        study.optimize(tracked, n_trials=2 * remaining + 2, timeout=opts.timeout,
-                       callbacks=[after], catch=(TrialFailed,), gc_after_trial=True, show_progress_bar=False)
+        if opts.pack_size > 1:
+            _run_packed(prepared, tracker, after)
+        else:
+            study.optimize(tracked, n_trials=2 * remaining + 2, timeout=opts.timeout,
+                           callbacks=[after], catch=(TrialFailed,), gc_after_trial=True, show_progress_bar=False)
     finally:
         gc.unfreeze()  # frozen objects are never finalised: some bindings then report leaks at exit
         bar.close()
         if tracker:
             tracker.finish(study)  # logs what a crash or an outage left out, ends the parent run
-    echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s")
+    packs = f" (packs of up to {opts.pack_size})" if opts.pack_size > 1 else ""
+    echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s{packs}")
     return study
 
 
@@ -680,14 +675,12 @@ def _run_packed(prepared: Study, tracker: Any, after: Callable[[optuna.Study, Fr
 
     opts = prepared.opts
     stop = Stop().install()  # Ctrl-C: the pack in flight finishes (or fails `sigterm` after the grace period)
-    gc.freeze()  # as in run_search
     try:
         work(prepared.study, objective(prepared), budget=lambda: opts.n_trials, stop=stop, after=after,
              pack=pack_with_tracking(pack_objective(prepared), tracker), pack_size=opts.pack_size,
              distributions=prepared.distributions,
              deadline=None if opts.timeout is None else time.time() + opts.timeout)
     finally:
-        gc.unfreeze()
         stop.uninstall()
 
 

@@ -261,9 +261,7 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
             if complete >= target:
                 break
             if complete + running >= target:  # full for now; a running trial may still fail and free a place
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
+                fail_stale(study)
                 stop.requested.wait(poll_s)
                 continue
             last.clear()
@@ -299,6 +297,13 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
     return stats
 
 
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and, through the storage's callback, retry) trials whose heartbeat stopped: a dead worker's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def _run_pack(study: optuna.Study, pack: Callable[[list[optuna.Trial]], list[Any]], k: int, target: int,
               stop: Stop, distributions: dict[str, Any] | None = None) -> list[FrozenTrial]:
     """Ask `k` trials, train them as one pack under heartbeats, tell each its outcome; the told trials."""
@@ -309,9 +314,7 @@ def _run_pack(study: optuna.Study, pack: Callable[[list[optuna.Trial]], list[Any
     from autopeft import train
 
     if is_heartbeat_enabled(study._storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        fail_stale(study)
     trials, surplus = [], []
     for _ in range(max(1, k)):
         with warnings.catch_warnings():  # heartbeats are started below, as Study.optimize would

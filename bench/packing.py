@@ -101,20 +101,12 @@ def _sync() -> None:
 
 def tiny_setup(root: Path) -> tuple[str, DataOptions]:
     """A saved tiny random BERT (MiniLM's tokenizer) and a learnable toy CSV task, for the CPU smoke mode."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import BertConfig
 
-    from autopeft.models import packaged_minilm
-
-    torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
-    backbone = root / "tiny-bert"
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(backbone)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (packaged_minilm() / f).is_file():
-            shutil.copy(packaged_minilm() / f, backbone / f)
+    backbone = save_random_bert(config, root / "tiny-bert")
     words = {1: ["great", "superb", "lovely", "fun"], 0: ["awful", "dull", "boring", "bad"]}
     files = []
     for name, n, seed in (("train.csv", 256, 0), ("dev.csv", 64, 1)):
@@ -135,20 +127,30 @@ def random_large(root: Path, tokenizer: str | None = None) -> str:
     tokenizer) with random weights, saved in bf16: the machine running this has no network, and speed does not
     depend on the weights. Accuracies of this arm are those of a random encoder (the speed is the point)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, BertConfig
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096, max_position_embeddings=514, num_labels=2)
+    return str(save_random_bert(config, root / "random-roberta-large-size", dtype=torch.bfloat16,
+                                tokenizer=tokenizer))
+
+
+def save_random_bert(config: Any, backbone: Path, *, dtype: Any = None, tokenizer: str | None = None) -> Path:
+    """A seeded random BERT-architecture classifier saved at `backbone`, with a BERT tokenizer copied beside it
+    (from `tokenizer`, default MiniLM's): a loadable local model without any download."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
 
     from autopeft.models import packaged_minilm
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                        intermediate_size=4096, max_position_embeddings=514, num_labels=2)
-    backbone = root / "random-roberta-large-size"
-    AutoModelForSequenceClassification.from_config(config).to(torch.bfloat16).save_pretrained(backbone)
+    model = AutoModelForSequenceClassification.from_config(config)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(backbone)
     source = Path(tokenizer) if tokenizer else packaged_minilm()
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (source / f).is_file():
             shutil.copy(source / f, backbone / f)
-    return str(backbone)
+    return backbone
 
 
 def main() -> None:

@@ -217,7 +217,7 @@ def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int, b
     import optuna
 
     from autopeft.sampler import make_sampler
-    from autopeft.search import sample_configs, spec_key, suggest_all
+    from autopeft.search import room_left, sample_configs, spec_key, suggest_all
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # a table whose metric barely varies (the tiny smoke table) makes BoTorch warn on every proposal
@@ -227,13 +227,9 @@ def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int, b
     def key(params: Mapping[str, Any]) -> str:
         return spec_key(space.decode(params, layers).to_dict())
 
-    def room(s: optuna.Study) -> int:  # as autopeft.search.room_left: no proposal past the budget
-        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-        return trials - len(s.get_trials(deepcopy=False, states=live))
-
     study = optuna.create_study(directions=list(DIRECTIONS), sampler=make_sampler(
         sampler, seed=seed, n_startup_trials=n_startup, constraints=False, n_objectives=3, canonical=key,
-        batch=batch, room=room))
+        batch=batch, room=lambda s: room_left(s, trials)))  # as the search: no proposal past the budget
     # as autopeft.search.prepare: the study's seeded random start points, enqueued for every sampler
     for p in sample_configs(space, layers, random.Random(seed), n_startup,
                             tries=200 * max(1, n_startup), fits=lambda _s: True):

@@ -88,6 +88,20 @@ def test_resume_continues_without_rerunning(tmp_path: Path, tiny_backbone_dir: P
                    echo=lambda _: None)
 
 
+def _schema_ready(db: Path) -> bool:
+    """The search has created Optuna's schema in `db` (read-only look: writes nothing, creates nothing)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not db.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
 def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions) -> None:
     """A study killed mid-trial resumes; the half-run trial ends FAILED and is retried; nothing done is lost."""
     out = tmp_path / "runs"
@@ -102,7 +116,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_backbone_dir: Path, 
     deadline = time.time() + 240
     url = f"sqlite:///{db}"
     while time.time() < deadline:  # wait until one trial is complete and the next one is running
-        if db.is_file():
+        if _schema_ready(db):  # opening the storage earlier would race the search's own schema creation
             try:
                 trials = optuna.load_study(study_name="file", storage=url).trials
             except Exception:  # the study may not exist yet
