@@ -8,7 +8,15 @@ export AUTOPEFT_DATA_DIR ?= $(if $(wildcard $(DATA)/glue),$(DATA),)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: search test lint install clean chromium postgres
+# The AdapterHub round trip (tests/test_export_adapterhub.py) loads our adapterhub/ export with the real `adapters`
+# library, which pins transformers 4.57 while we run 5.x: a side dir, put first on PYTHONPATH by the test, holding
+# only adapters + transformers 4.57 + the two libraries whose 4.57-compatible versions differ from .venv's; torch,
+# numpy, safetensors and the rest are .venv's (so no second torch: ~140 MB, ~15 s to install).
+ADAPTERS_ENV := .venv-adapters
+ADAPTERS_STAMP := $(ADAPTERS_ENV)/.installed
+ADAPTERS_PINS := "adapters==1.3.*" "transformers==4.57.*" "huggingface_hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
+
+.PHONY: search test lint install clean chromium postgres adapters-env
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +27,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(ADAPTERS_STAMP): $(STAMP) Makefile
+	rm -rf $(ADAPTERS_ENV)
+	$(BIN)/pip install -q --no-deps --target $(ADAPTERS_ENV) $(ADAPTERS_PINS)
+	PYTHONPATH=$(ADAPTERS_ENV) $(BIN)/python -c "import adapters, transformers; \
+		assert transformers.__version__.startswith('4.57'), transformers.__version__; \
+		print('adapters', adapters.__version__, 'transformers', transformers.__version__)"
+	touch $(ADAPTERS_STAMP)
+
+adapters-env: $(ADAPTERS_STAMP)
 
 search: $(STAMP)
 	$(BIN)/autopeft search --task glue/sst2
@@ -38,7 +56,7 @@ postgres:
 			|| echo "postgresql not installed: the PostgreSQL tests will be skipped"; \
 	else echo "no PostgreSQL (and no apt as root): the PostgreSQL tests will be skipped"; fi
 
-test: $(STAMP) chromium postgres
+test: $(STAMP) chromium postgres adapters-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
@@ -46,4 +64,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) autopeft-runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ADAPTERS_ENV) autopeft-runs .pytest_cache .ruff_cache

@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a trial's trained adapter as an HF PEFT dir + autopeft.yaml + model card",
                        description="Export one COMPLETE trial from its saved weights (no retraining): autopeft.yaml "
                                    "and weights (autopeft.load), an HF PEFT adapter dir where HF PEFT can express "
-                                   "the spec, README.md and metrics.json. Prints which formats were written and why "
+                                   "the spec, an AdapterHub `adapters` dir (DEST/adapterhub/) where that library "
+                                   "can, README.md and metrics.json. Prints which formats were written and why "
                                    "others were not.", epilog=EPILOG)
     e.add_argument("dest", nargs="?", metavar="DEST", help="the directory to write (must not exist or be empty)")
     e.add_argument("--study", required=True)
@@ -91,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="choose the trial instead: 'best-metric' or 'smallest-within X' (fewest params on the front "
                         "within X points of its best metric)")
     e.add_argument("--format", dest="formats", choices=("auto", "hf", "autopeft", "adapters"), default="auto",
-                   help="auto (default): autopeft always, HF PEFT where it can express the spec; hf: fail unless "
-                        "HF PEFT can; autopeft: ours only")
+                   help="auto (default): autopeft always, HF PEFT and AdapterHub each where it can express the "
+                        "spec exactly; hf / adapters: fail unless HF PEFT / AdapterHub can; autopeft: ours only")
     e.add_argument("--force", action="store_true", help="replace a non-empty DEST")
 
     w = sub.add_parser("worker", help="join a study on a shared storage: ask for trials, train them, tell results",

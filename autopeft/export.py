@@ -4,9 +4,12 @@ Always written: `autopeft.yaml` (task, backbone, spec, fidelity: what `autopeft 
 `autopeft_weights.safetensors` (every trainable tensor, for `autopeft.load`), `metrics.json` and a `README.md`
 model card. Where HF PEFT can express the spec exactly (one method: LoRA, DoRA or IA3), the directory is also a
 standard HF PEFT adapter dir (`adapter_config.json` + `adapter_model.safetensors` at its top level), so
-`peft.PeftModel.from_pretrained(base, DEST)` computes the same logits as our model. Anything HF would compute
-differently is not written, and the report says why: a file that loads but answers differently is worse than
-no file.
+`peft.PeftModel.from_pretrained(base, DEST)` computes the same logits as our model. Where the AdapterHub
+`adapters` library can express it exactly (bottleneck adapters, serial and parallel, with per-layer sizes; flat
+prefix-tuning; LoRA; IA3; mixes of these in one ConfigUnion), `DEST/adapterhub/` holds that format (see
+`autopeft.export_adapterhub` for the layout, the math and what it cannot express). Anything a library would
+compute differently is not written, and the report says why: a file that loads but answers differently is
+worse than no file.
 
 The directory is built in a temp dir beside DEST and renamed into place, so a failure leaves nothing behind.
 """
@@ -35,13 +38,9 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
     from torch import nn
 
-FORMATS = ("auto", "hf", "autopeft")
+FORMATS = ("auto", "hf", "adapters", "autopeft")
 HF_CONFIG_FILE = "adapter_config.json"
 HF_WEIGHTS_FILE = "adapter_model.safetensors"
-#: measured, not assumed: `pip install adapters` (newest, 1.3.0) requires transformers~=4.57.6, i.e. it would
-#: downgrade the transformers 5.x this project runs on; no release supports transformers 5.
-ADAPTERS_REASON = ("the AdapterHub `adapters` library cannot be installed beside transformers {tf}: its newest "
-                   "release (1.3.0) pins transformers~=4.57.6; use autopeft.load for this export")
 #: HF PEFT prefix-tuning, checked on this stack (tests/test_export.py holds canaries for both halves)
 PREFIX_CANNOT_RUN = ("peft {peft} cannot run prefix-tuning on transformers {tf} classifiers: it hands the prefix to "
                      "the model as a `past_key_values` argument, which transformers 5 renamed `cache` (peft raises "
@@ -89,14 +88,19 @@ class ExportReport:
     written: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     hf_method: str | None = None
+    adapters_method: str | None = None
     source: str | None = None
 
     def lines(self) -> list[str]:
         """The terminal report of `autopeft export`: one line per format, reasons included."""
+        from autopeft.export_adapterhub import ADAPTERHUB_DIR, LOAD_HINT
+
         out = [f"exported {self.source + ' ' if self.source else ''}({self.spec_summary}) to {self.dest}"]
         how = {"autopeft": f"load with autopeft.load(base, {str(self.dest)!r}); retrain with "
                            f"autopeft train --config {self.dest / CONFIG_FILE} --fidelity full",
                "hf-peft": f"{self.hf_method}; load with peft.PeftModel.from_pretrained(base, {str(self.dest)!r})",
+               "adapters": f"AdapterHub {self.adapters_method}; load with "
+                           + LOAD_HINT.format(path=str(self.dest / ADAPTERHUB_DIR)),
                "model card": "task, spec, metrics, how to load and retrain"}
         for fmt, files in self.written.items():
             out.append(f"  wrote {fmt}: {', '.join(files)}" + (f" ({how[fmt]})" if fmt in how else ""))
@@ -296,10 +300,6 @@ def check_dest(dest: Path, force: bool) -> None:
 
 
 def _check_formats(formats: str) -> None:
-    if formats == "adapters":
-        import transformers
-
-        raise UserError("cannot write the adapters format: " + ADAPTERS_REASON.format(tf=transformers.__version__))
     if formats not in FORMATS:
         raise UserError(f"unknown export format {formats!r}; use one of {', '.join(FORMATS)}")
 
@@ -329,14 +329,15 @@ def export_model(model: nn.Module, spec: PeftSpec, dest: str | os.PathLike, *, t
                  source: str | None = None) -> ExportReport:
     """Write the export layout for `model` (a backbone injected with `spec`, trained) into `dest`.
 
-    `formats`: "auto" = ours always, HF PEFT where expressible; "hf" = HF PEFT required (a spec it cannot
-    express is a UserError); "autopeft" = ours only. `source` (e.g. "study glue-sst2 trial 7") goes into the
-    report and the model card. Atomic: built beside `dest`, then renamed; on any error nothing is left.
+    `formats`: "auto" = ours always, HF PEFT and AdapterHub each where it expresses the spec exactly; "hf" /
+    "adapters" = as auto, but that format is required (a spec it cannot express is a UserError); "autopeft" =
+    ours only. `source` (e.g. "study glue-sst2 trial 7") goes into the report and the model card. Atomic: built
+    beside `dest`, then renamed; on any error nothing is left.
     """
-    import transformers
     import yaml
     from safetensors.torch import save_file
 
+    from autopeft.export_adapterhub import AdapterHubAdapter, adapterhub_adapter
     from autopeft.model_card import hub_backbone, render_model_card
     from autopeft.peft import trainable_state_dict
 
@@ -352,8 +353,10 @@ def export_model(model: nn.Module, spec: PeftSpec, dest: str | os.PathLike, *, t
     report = ExportReport(dest, spec.summary(), source=source)
     report.written["autopeft"] = [CONFIG_FILE, WEIGHTS_FILE]
     hf: HfAdapter | None = None
+    ah: AdapterHubAdapter | None = None
     if formats == "autopeft":
         report.skipped["hf-peft"] = "not requested (formats='autopeft')"
+        report.skipped["adapters"] = "not requested (formats='autopeft')"
     else:
         try:
             hf = hf_peft_adapter(model, spec, base_model_name_or_path=hub_backbone(cfg.get("backbone")))
@@ -361,10 +364,19 @@ def export_model(model: nn.Module, spec: PeftSpec, dest: str | os.PathLike, *, t
             if formats == "hf":
                 raise UserError(f"cannot write the HF PEFT format for {spec.summary()}: {exc}") from None
             report.skipped["hf-peft"] = f"{exc}; use autopeft.load"
+        try:
+            ah = adapterhub_adapter(model, spec, model_name=hub_backbone(cfg.get("backbone")))
+        except NotExpressible as exc:
+            if formats == "adapters":
+                raise UserError(f"cannot write the AdapterHub `adapters` format for {spec.summary()}: "
+                                f"{exc}") from None
+            report.skipped["adapters"] = f"{exc}; use autopeft.load"
     if hf is not None:
         report.written["hf-peft"] = [HF_CONFIG_FILE, HF_WEIGHTS_FILE]
         report.hf_method = hf.method
-    report.skipped["adapters"] = ADAPTERS_REASON.format(tf=transformers.__version__)
+    if ah is not None:
+        report.written["adapters"] = ah.files()
+        report.adapters_method = ah.method
     report.written["model card"] = ["README.md"] + (["metrics.json"] if metrics else [])
 
     created = _make_parents(dest.parent)
@@ -377,10 +389,13 @@ def export_model(model: nn.Module, spec: PeftSpec, dest: str | os.PathLike, *, t
         if hf is not None:
             (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf.config, indent=2) + "\n", encoding="utf-8")
             save_file(hf.tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        if ah is not None:
+            ah.write(tmp)
         if metrics:
             (tmp / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n", encoding="utf-8")
         card = render_model_card(spec=spec, trial_config=cfg, metrics=metrics, written=report.written,
                                  skipped=report.skipped, num_labels=num_labels, hf_method=report.hf_method,
+                                 adapters_method=report.adapters_method,
                                  source=source, dir_name=dest.name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         _move_into_place(tmp, dest)

@@ -72,7 +72,8 @@ def metrics_rows(metrics: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 
 def render_model_card(*, spec: PeftSpec, trial_config: Mapping[str, Any], metrics: Mapping[str, Any] | None,
                       written: Mapping[str, Sequence[str]], skipped: Mapping[str, str], num_labels: int,
-                      hf_method: str | None, source: str | None, dir_name: str) -> str:
+                      hf_method: str | None, source: str | None, dir_name: str,
+                      adapters_method: str | None = None) -> str:
     """Markdown with a hub card header; every instruction in it is a command that works on this export."""
     backbone = str(trial_config.get("backbone") or "minilm")
     hub = hub_backbone(backbone) or backbone
@@ -108,8 +109,21 @@ def render_model_card(*, spec: PeftSpec, trial_config: Mapping[str, Any], metric
                 f'base = AutoModelForSequenceClassification.from_pretrained("{hub}", {labels})',
                 f'model = PeftModel.from_pretrained(base, "{dir_name}").eval()',
                 f'tokenizer = AutoTokenizer.from_pretrained("{hub}")', "```", ""]
+    if adapters_method:
+        from autopeft.export_adapterhub import ADAPTER_NAME, ADAPTERHUB_DIR, ENVIRONMENT
+
+        out += ["## Load with AdapterHub `adapters`", "",
+                f"`{ADAPTERHUB_DIR}/` is an AdapterHub adapter ({adapters_method}) with the classification head "
+                f"beside it, in the layout `model.save_adapter(..., use_safetensors=True)` writes. It needs "
+                f"{ENVIRONMENT}.", "",
+                "```python", "import adapters", "from transformers import AutoModelForSequenceClassification", "",
+                f'model = AutoModelForSequenceClassification.from_pretrained("{hub}", {labels})',
+                "adapters.init(model)",
+                f'name = model.load_adapter("{dir_name}/{ADAPTERHUB_DIR}", use_safetensors=True)  # '
+                f'"{ADAPTER_NAME}", head included',
+                "model.set_active_adapters(name)", "model.eval()", "```", ""]
     out += ["## Load with autopeft", "",
-            "Works for every spec, including those HF PEFT cannot express.", "",
+            "Works for every spec, including those HF PEFT and AdapterHub cannot express.", "",
             "```python", "import autopeft", "",
             f'model = autopeft.load("{backbone}", "{dir_name}")  # or autopeft.load(base_model, ...) with a fresh '
             f"backbone of {labels}", "```", ""]

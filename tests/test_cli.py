@@ -42,8 +42,8 @@ def test_train_prints_table_and_json_and_saves(tmp_path: Path, tiny_backbone_dir
     assert "trainable params" in text and "peak memory" in text and "tokens/s" in text
     metrics = json.loads(text.strip().splitlines()[-1])
     assert metrics["metric_name"] == "accuracy" and metrics["steps"] == 3
-    assert sorted(p.name for p in out.iterdir()) == [  # the export layout (LoRA: HF PEFT too)
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "autopeft.yaml",
+    assert sorted(p.name for p in out.iterdir()) == [  # the export layout (LoRA: HF PEFT and AdapterHub too)
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub", "autopeft.yaml",
         "autopeft_weights.safetensors", "metrics.json"]
     saved = yaml.safe_load((out / "autopeft.yaml").read_text())
     assert saved["spec"]["lora"]["rank"]["q"] == [4, 4]

@@ -174,7 +174,7 @@ def test_report_and_card_name_every_format(tmp_path: Path) -> None:
     metrics = {"metric_name": "accuracy", "metric": 0.91, "dev_metric": 0.9, "trainable_params": 1234}
     report = export_model(model, spec, tmp_path / "out", trial_config=TRIAL_CONFIG, metrics=metrics)
     assert set(report.written) == {"autopeft", "hf-peft", "model card"}
-    assert "transformers" in report.skipped["adapters"]
+    assert "ranks differ" in report.skipped["adapters"]  # AdapterHub's LoRAConfig has one r
     text = "\n".join(report.lines())
     assert "wrote hf-peft" in text and "not written adapters" in text
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -207,6 +207,7 @@ def test_non_empty_dest_needs_force(tmp_path: Path) -> None:
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     export_model(model, spec, dest, trial_config=TRIAL_CONFIG, metrics=None, force=True)
     assert not (dest / "keep.txt").exists() and (dest / "adapter_config.json").is_file()
+    assert (dest / "adapterhub" / "adapter_config.json").is_file()  # one r on q everywhere: AdapterHub too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or swapped-out dir left
 
 
@@ -217,8 +218,9 @@ def test_dest_that_is_a_file_or_unknown_format(tmp_path: Path) -> None:
         export_model(model, spec, tmp_path / "f", trial_config=TRIAL_CONFIG, metrics=None, force=True)
     with pytest.raises(UserError, match="unknown export format"):
         export_model(model, spec, tmp_path / "o", trial_config=TRIAL_CONFIG, metrics=None, formats="onnx")
-    with pytest.raises(UserError, match=r"adapters.*transformers"):
-        export_model(model, spec, tmp_path / "o", trial_config=TRIAL_CONFIG, metrics=None, formats="adapters")
+    dora, dora_spec = trained("bert", {"dora": {"rank": {"q": 2}}})
+    with pytest.raises(UserError, match=r"AdapterHub `adapters` format.*DoRA"):
+        export_model(dora, dora_spec, tmp_path / "o", trial_config=TRIAL_CONFIG, metrics=None, formats="adapters")
     no_leftovers(tmp_path, "o")
 
 
