@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     w.add_argument("--grace", type=float, default=60.0,
                    help="on SIGTERM, seconds the running trial may take to finish before it is failed (default 60)")
+    w.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (a running one "
+                                                 "finishes)")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a study's tracking store")
     u.add_argument("--out", help="the --out directory of the search (default: autopeft-runs)")
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from autopeft.worker import worker_command
 
             worker_command(args.study, storage=args.storage, tracking_uri=args.tracking_uri, out=args.out,
-                           device=args.device, grace=args.grace)
+                           device=args.device, grace=args.grace, timeout=args.timeout)
         elif args.verb == "ui":
             from autopeft.ui import ui_command
 

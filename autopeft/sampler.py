@@ -269,7 +269,7 @@ class LogNEHVICandidates:
         chosen (so a batch spreads out instead of clustering on one optimum), and left in `self.extra`.
         """
         import torch
-        from botorch.utils.transforms import normalize
+        from botorch.utils.transforms import normalize, unnormalize
         from optuna._transform import _SearchSpaceTransform
         from torch.quasirandom import SobolEngine
 
@@ -278,7 +278,9 @@ class LogNEHVICandidates:
             return best
         seen = {self.canonical(trans.untransform(row.numpy())) for row in train_x.detach().cpu()}
         if pending_x is not None:
-            seen |= {self.canonical(trans.untransform(row.numpy())) for row in pending_x.detach().cpu()}
+            # pending_x arrives normalised (see _propose), train_x in the original bounds
+            seen |= {self.canonical(trans.untransform(row.numpy()))
+                     for row in unnormalize(pending_x, bounds=bounds).detach().cpu()}
         lo, hi = bounds[0], bounds[1]
         around = [best[0]]
         for j in range(best.shape[-1]):  # one step either way in each dimension

@@ -461,19 +461,22 @@ def _tracking_uri(given: str | None, saved: dict[str, Any]) -> str | None:
 
 
 def worker_command(study: str, *, storage: str | None, tracking_uri: str | None = None, out: str | None = None,
-                   device: str | None = None, grace: float = DEFAULT_GRACE_S) -> None:
+                   device: str | None = None, grace: float = DEFAULT_GRACE_S, timeout: float | None = None) -> None:
     """`autopeft worker --study NAME --storage URL`: one clear line and exit 2 for bad input (cli.py)."""
     url = storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise UserError("autopeft worker needs --storage URL (or AUTOPEFT_STORAGE), the study's shared storage")
-    run_worker(study, url, tracking_uri, out=out, device=device, grace=grace,
+    if timeout is not None and timeout < 0:
+        raise UserError(f"--timeout must be >= 0 seconds, got {timeout:g}")
+    run_worker(study, url, tracking_uri, out=out, device=device, grace=grace, timeout=timeout,
                echo=lambda line: print(line, flush=True))
 
 
 def run_worker(study_name: str, storage_url: str, tracking_uri: str | None = None, *, out: str | None = None,
-               device: str | None = None, grace: float = DEFAULT_GRACE_S,
+               device: str | None = None, grace: float = DEFAULT_GRACE_S, timeout: float | None = None,
                echo: Callable[[str], None] = print) -> WorkStats:
-    """`autopeft worker`: join a study on a shared storage and train its trials until the budget is done."""
+    """`autopeft worker`: join a study on a shared storage and train its trials until the budget is done, or
+    until `timeout` seconds have passed (no trial starts after that; a running one finishes)."""
     from autopeft.search import mask_url, objective, pack_objective, prepare
 
     study = load_study_or_explain(study_name, storage_url)
@@ -497,11 +500,13 @@ def run_worker(study_name: str, storage_url: str, tracking_uri: str | None = Non
     try:
         stats = work(study, _objective_with_tracking(objective(prepared), tracker), stop=stop, after=after, echo=echo,
                      pack=pack_with_tracking(pack_objective(prepared), tracker), pack_size=opts.pack_size,
-                     distributions=prepared.distributions)
+                     distributions=prepared.distributions,
+                     deadline=None if timeout is None else started + timeout)
     finally:
         stop.uninstall()
     complete, _ = counts(study)
-    why = "stopped by signal" if stop.requested.is_set() else "budget done"
+    why = ("stopped by signal" if stop.requested.is_set() else "budget done" if complete >= budget_of(study)
+           else "timeout")
     echo(f"{tag}: {why}; ran {stats.complete} complete, {stats.failed} failed in {time.time() - started:.0f}s; "
          f"study {complete}/{budget_of(study)} complete")
     return stats
@@ -582,6 +587,8 @@ def spawn_workers(opts: Any, storage_url: str, n: int, *, echo: Callable[[str], 
         device = "cuda"  # each worker sees only its own GPU, as cuda:0
     if device:
         cmd += ["--device", device]
+    if opts.timeout is not None:  # `autopeft search --timeout` holds for its workers too
+        cmd += ["--timeout", str(opts.timeout)]
     procs: list[subprocess.Popen] = []
     lock = threading.Lock()
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import statistics
 import sys
@@ -77,8 +79,11 @@ def run_ours(spec: dict, lr: float | None, base: TrialConfig, task: Any, device:
     return run_trial(cfg, task=task, device=str(device), progress=False).metrics.to_dict()
 
 
-def front_specs(storage: str, study: str, top: int, max_pct: float | None) -> list[tuple[str, dict]]:
-    """The study's front, best held-out metric first; `max_pct` keeps points under that % of params first."""
+def front_specs(storage: str, study: str, top: int, max_pct: float | None,
+                budgets: dict[str, int] | None = None) -> list[tuple[str, dict]]:
+    """Which front points to retrain: the `top` best held-out metrics under `max_pct` % of params (then the
+    rest of the front), plus, for each baseline in `budgets` (name -> its trainable params), the front point
+    with the best held-out metric that has no more params than that baseline: the one that could dominate it."""
     import optuna
 
     from autopeft.pareto import front_trials
@@ -88,7 +93,19 @@ def front_specs(storage: str, study: str, top: int, max_pct: float | None) -> li
     small = [t for t in front if max_pct is None or t.user_attrs.get("trainable_pct", 100.0) <= max_pct]
     rest = [t for t in front if t not in small]
     chosen = (small + rest)[:top]
+    for params in (budgets or {}).values():
+        under = [t for t in front if t.user_attrs.get("trainable_params", math.inf) <= params]
+        if under and under[0] not in chosen:
+            chosen.append(under[0])
     return [(f"autopeft_trial{t.number}", t.user_attrs["spec"]) for t in chosen]
+
+
+def reused_rows(path: str, skip: set[str]) -> list[dict[str, Any]]:
+    """Rows of an earlier results file of this script (same fidelity: checked by the caller's notes), for the
+    baselines not rerun now; front rows of another study are never reused."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    return [r | {"reused_from": Path(path).name} for r in rows if "seed" in r and r["name"] not in skip
+            and not r["name"].startswith("autopeft_")]
 
 
 def mean_rows(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -141,6 +158,9 @@ def main() -> None:
     ap.add_argument("--front-top", type=int, default=4)
     ap.add_argument("--front-max-pct", type=float, default=1.0)
     ap.add_argument("--only", nargs="*", help="run only these rows (names)")
+    ap.add_argument("--reuse", help="an earlier baselines-*.json at the same fidelity: its baseline rows fill the "
+                                     "table where this run skips them (--only / --front-only)")
+    ap.add_argument("--front-only", action="store_true", help="train only the study's front points")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one GPU shared)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -156,11 +176,14 @@ def main() -> None:
     num_layers, hidden = config.num_hidden_layers, config.hidden_size
     jobs: list[tuple[str, Any]] = [(n, None) for n in HF_LR]
     jobs += [(n, ({"serial_adapter": {"size": hidden // 16, "position": pos}}, lr)) for n, (pos, lr) in OURS.items()]
+    reused = reused_rows(args.reuse, set()) if args.reuse else []
     if args.storage:
-        jobs += [(n, (spec, None)) for n, spec in front_specs(args.storage, args.study, args.front_top,
-                                                                args.front_max_pct)]
+        budgets = {r["name"]: r["trainable_params"] for r in reused if r["name"].startswith("hf_")}
+        front = front_specs(args.storage, args.study, args.front_top, args.front_max_pct, budgets)
+        jobs = [j for j in jobs if not args.front_only] + [(n, (spec, None)) for n, spec in front]
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only]
+    reused = [r for r in reused if r["name"] not in {n for n, _ in jobs}]
     runs = [(name, ours, seed) for seed in args.seeds for name, ours in jobs]
     if args.jobs > 1:  # runs are host-bound at MiniLM size: several processes share one GPU well
         import multiprocessing as mp
@@ -171,6 +194,7 @@ def main() -> None:
     else:
         rows = [one_run((r, base, num_layers)) for r in runs]
 
+    rows += reused
     means = mean_rows(rows)
     fft = means.get("full_ft", {}).get("acc", float("nan"))
     front = {n: v for n, v in means.items() if n.startswith("autopeft_")}
@@ -187,7 +211,9 @@ def main() -> None:
                   notes=f"SST-2, {args.backbone}, train examples {args.examples or 'all'}, {args.epochs} epoch(s), "
                         f"batch {args.batch_size}, max length {args.max_length}, seeds {args.seeds}; "
                         f"{args.jobs} run(s) at a time on one device (train seconds are under that sharing); "
-                        f"HF PEFT lrs {HF_LR}; adapters lr 1e-3; front points from study {args.study}")
+                        f"HF PEFT lrs {HF_LR}; adapters lr 1e-3; front points from study {args.study}"
+                        + (f"; rows {sorted({r['name'] for r in reused})} reused from {args.reuse} (same script "
+                           "and fidelity, not rerun)" if reused else ""))
 
 
 if __name__ == "__main__":

@@ -180,6 +180,22 @@ def test_search_workers_share_one_global_budget(postgres_url: str, tmp_path: Pat
     assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2  # both workers trained
 
 
+def test_search_timeout_holds_for_its_workers(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions,
+                                              capsys) -> None:
+    """`search --workers N --timeout T` must stop the workers starting trials after T, as without --workers
+    (they once ignored it: a 400 s search ran for 570 s)."""
+    args = ["search", "--task", "file", "--study", "t", "--out", str(tmp_path / "runs"),
+            "--backbone", str(tiny_backbone_dir), "--train", toy.train_file, "--dev", toy.dev_file, "--text-column",
+            "review", "--label-column", "label", "--sampler", "random", "--n-trials", "50", "--max-steps", "2",
+            "--batch-size", "8", "--max-length", "24", "--heldout-examples", "20", "--workers", "2",
+            "--timeout", "0", "--no-tracking", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("timeout; ran 0 complete, 0 failed") == 2, out
+    started = [t for t in _trials(f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}", "t") if t.state != TrialState.WAITING]
+    assert started == []
+
+
 # ----- chaos -------------------------------------------------------------------------------------------------------
 N_CHAOS = 30
 
