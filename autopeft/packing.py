@@ -18,16 +18,26 @@ How a pack is built, so that packed and sequential training are the same computa
   backbone's tensor, so a trial costs only its trainable tensors. That per-trial model is what evaluation runs
   and what `TrialResult.model` returns (export and saving work unchanged).
 * The packed model is the shared backbone with, at each site some trial adapts, a segmented module:
-  `PackedLinear` (one base GEMM over the pack, then per segment the trial's LoRA / DoRA / IA3 / BitFit-bias
-  term with the same reference math as `autopeft.kernels.reference`), `SegmentedModule` (per segment, the
-  trial's own module: BitFit LayerNorms, the classification heads), forward hooks applying each trial's
-  serial / parallel adapters to its rows, and an attention function that runs each segment with its trial's
-  prefix (attention is per example anyway, so segmenting it costs launches, not FLOPs).
-* The per-segment adapter terms are a Python loop over segments with slicing: the plain-PyTorch "segmented"
-  reference. A grouped (one-launch) kernel over the segments is not written yet, and measured on an H200 this
-  loop is what bounds a pack: 8 packed trials ran 1.4x the trials per GPU-hour of one-by-one training on
-  MiniLM and only 1.05x on a roberta-large-size encoder, whose packed step (24 layers x up to 6 linears x 8
-  segments of launches) took 500 ms (bench/results/packing-*.json).
+  `PackedLinear` (one base GEMM over the pack, then the trials' LoRA / DoRA / IA3 / BitFit-bias terms with the
+  math of `autopeft.kernels.reference`), `SegmentedModule` (per segment, the trial's own module: BitFit
+  LayerNorms, the classification heads), forward hooks applying the trials' serial / parallel adapters
+  (`_AdapterSite`), and an attention function that runs each segment with its trial's prefix (attention is
+  per example anyway, so segmenting it costs launches, not FLOPs).
+* The adapter terms of `PackedLinear` and the adapter hooks run grouped: a fixed number of batched ops per
+  site, whatever the pack size. Per segment (a Python loop over slices, kept as the reference and the
+  fallback) they were what bounded a pack: measured on an H200, 8 packed trials ran 1.4x the trials per
+  GPU-hour of one-by-one training on MiniLM and only 1.05x on a roberta-large-size encoder, whose packed step
+  (24 layers x up to 6 linears x 8 segments of launches, forward and backward) took 500 ms, as long as 8
+  unpacked steps (bench/results/packing-*.json; bench/packing_step.py times a step both ways). Grouping needs
+  a site's K parameters side by side: each term is one fp32 tensor [K, widest...] (`_Stack`) of which each
+  trial's parameter is a view, so its own model, AdamW, clipping and evaluation are untouched, and after
+  backward the stack's gradient is handed to the trials' parameters. Padding (ranks and bottlenecks narrower
+  than the widest, trials without the term) belongs to no trial, is never written and contributes exact
+  zeros, so grouped and per-segment training agree to rounding. Rows go in chunks of gcd(segment sizes)
+  (`PackState.layout`), so unequal segments (a short last batch, trials of other batch sizes) group too,
+  without copying activations. A trial leaving the pack gets its parameters back as tensors of its own
+  (`PackState.release`; safetensors saves no views). Still per segment: sites with LoRA dropout (each trial
+  draws its own masks, as it would alone), prefix attention and the `SegmentedModule`s.
 
 Every method packs, with these caveats: dropout (LoRA dropout, or a backbone's own dropout) draws from one RNG
 stream in a different order than sequential runs would, so with dropout on, packed trials are statistically,
@@ -44,6 +54,7 @@ yet).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -58,7 +69,7 @@ from torch import nn
 
 from autopeft import kernels
 from autopeft.errors import TrialFailed, UserError
-from autopeft.kernels.reference import _add_low_rank, _cast
+from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast
 from autopeft.models import architecture_of, get_layers, resolve_backbone
 from autopeft.peft import inject
 from autopeft.peft.linear import PeftLinear
@@ -87,18 +98,170 @@ from autopeft.train import (
 
 PACKED_ATTENTION = "autopeft_packed"
 
+#: run the adapter terms of a pack grouped over its trials (stacked parameters, batched GEMMs) wherever they can
+#: be; False keeps every site on the per-segment loop (the reference the grouped path is tested against, and the
+#: baseline bench/packing_step.py measures it against). Read when a pack is stacked (`PackState.stack`).
+GROUPED = True
+
 
 # ----- the segments of a packed batch -------------------------------------------------------------------------
 class PackState:
     """Which rows of the current packed batch belong to which trial slot, shared by every packed module.
 
     `segments` is a list of (slot, start, stop), contiguous and in row order, covering the whole batch.
-    `captured` carries a block's input from a pre-hook to the post-hook of a parallel adapter.
+    `captured` carries a block's input from a pre-hook to the post-hook of a parallel adapter. `sites` are the
+    packed modules and adapter hooks, which `stack` / `release` move in and out of the grouped layout;
+    `grouped` and `looped` count their forward calls by path (how a test or a benchmark knows which ran).
     """
 
     def __init__(self) -> None:
         self.segments: list[tuple[int, int, int]] = []
         self.captured: dict[int, torch.Tensor] = {}
+        self.sites: list[Any] = []
+        self.grouped = 0
+        self.looped = 0
+        self._layout: tuple[tuple, tuple[int, torch.Tensor | None]] | None = None
+
+    def layout(self, device: torch.device, slots: int) -> tuple[int, torch.Tensor | None] | None:
+        """The current batch as G equal chunks of rows, each inside one segment, for batched GEMMs: (G, the slot
+        of each chunk as an index tensor on `device`, or None when chunk g is slot g for all `slots` slots, the
+        usual case of every trial active with one batch size). Chunks are gcd(segment sizes) rows, so segments
+        of unequal size (a trial's short last batch, trials of other batch sizes) still group, in more and
+        smaller chunks, with no copy of the activations. None for an empty batch."""
+        key = (tuple(self.segments), device, slots)
+        if self._layout is None or self._layout[0] != key:
+            sizes = [e - s for _, s, e in self.segments]
+            rows = math.gcd(*sizes) if sizes else 0
+            if rows == 0:
+                self._layout = (key, None)
+            else:
+                owner = [k for k, s, e in self.segments for _ in range((e - s) // rows)]
+                idx = None if owner == list(range(slots)) else torch.tensor(owner, device=device)
+                self._layout = (key, (len(owner), idx))
+        return self._layout[1]
+
+    def stack(self) -> int:
+        """Put every site that can run grouped into the grouped layout (its trials' parameters become views of
+        stacked tensors, see `_Stack`); call once the trials' parameters are on their device, in fp32, with
+        their optimisers made. Returns how many sites did."""
+        return sum(bool(site.stack()) for site in self.sites)
+
+    def release(self, slot: int | None = None) -> None:
+        """Give trial `slot` (every trial when None) its parameters back as tensors of its own, so that nothing
+        it holds is a view of a stack (safetensors refuses to save views into a larger storage, and a finished
+        trial should not pin the pack's stacks). A released slot runs the per-segment loop if it is ever in a
+        batch again; with every slot released the stacks are freed."""
+        for site in self.sites:
+            site.release(slot)
+
+
+class _Stack:
+    """One term (LoRA's A, a bias, ...) of every slot of a packed site, in one fp32 leaf tensor [K, *widest]
+    padded with `fill`, so that one batched op computes it for all trials.
+
+    A slot's trainable parameter becomes a view of its region (transposed for `transpose` stacks, which hold
+    [out, r] parameters as [r, out] so that the region is a dense block): the trial's own model, optimiser,
+    clipping and evaluation keep seeing an ordinary parameter, while the pack's forward reads the stack. After
+    backward the stack's gradient is handed to each parameter as the view of its region, with the parameter's
+    own strides (so AdamW's and clipping's foreach kernels stay on their fast path): per-trial optimisation is
+    unchanged and exact. Padding belongs to no trial, so no optimiser ever writes it and it keeps `fill`; the
+    grouped ops are arranged so that padding contributes exactly nothing (zeros in a GEMM's reduction, ones in a
+    product). Frozen entries (a trial's shared, frozen bias) are copies.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor | None], fill: float, device: torch.device,
+                 transpose: bool = False) -> None:
+        stored = [None if t is None else (t.t() if transpose else t) for t in tensors]
+        present = [t for t in stored if t is not None]
+        shape = tuple(max(t.shape[d] for t in present) for d in range(present[0].dim()))
+        self.transpose = transpose
+        self.leaf = torch.full((len(tensors), *shape), fill, dtype=torch.float32, device=device)
+        self.dtype = functools.reduce(torch.promote_types, [t.dtype for t in present])  # the tensors' own
+        self.views: dict[int, tuple[nn.Parameter, tuple]] = {}
+        self.used: set[int] = set()  # slots in a forward since the last backward: only they get a gradient
+        with torch.no_grad():
+            for k, (t, s) in enumerate(zip(tensors, stored, strict=True)):
+                if t is None:
+                    continue
+                region = (k, *(slice(0, n) for n in s.shape))
+                self.leaf[region] = s
+                if isinstance(t, nn.Parameter) and t.requires_grad:
+                    view = self.leaf.detach()[region]
+                    t.data = view.t() if transpose else view
+                    self.views[k] = (t, region)
+        if self.views:
+            self.leaf.requires_grad_(True)
+            self.leaf.register_post_accumulate_grad_hook(self._hand_out)
+
+    def _hand_out(self, leaf: torch.Tensor) -> None:
+        grad, leaf.grad = leaf.grad, None
+        used, self.used = self.used, set()
+        for k, (p, region) in self.views.items():
+            if k not in used:  # as autograd leaves a parameter no forward used: without a gradient
+                continue
+            g = grad[region].t() if self.transpose else grad[region]
+            p.grad = g if p.grad is None else p.grad + g
+
+    def release(self, slot: int | None) -> None:
+        for k in list(self.views) if slot is None else [slot]:
+            entry = self.views.pop(k, None)
+            if entry is not None:
+                entry[0].data = entry[0].data.clone(memory_format=torch.contiguous_format)
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Per-slot [K, F] -> per-chunk [G, 1, F], broadcasting over each chunk's tokens."""
+    return (t if idx is None else t.index_select(0, idx)).unsqueeze(1)
+
+
+def _chunk_bmm(acc: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None,
+               alpha: float = 1.0, in_place: bool = False, transpose: bool = False) -> torch.Tensor:
+    """acc + alpha * x @ W[slot of each chunk] (without acc: x @ W[...]) in x's dtype, x [G, T, a] and W [K, a, b]
+    the per-slot weights, which are `w`, or `w` [K, b, a] transposed: `bmm` / `baddbmm` when chunk g is slot g,
+    else `_GatheredBmm`."""
+    if idx is None:
+        w = w.to(x.dtype)
+        w = w.transpose(1, 2) if transpose else w
+        if acc is None:
+            return torch.bmm(x, w)
+        return acc.baddbmm_(x, w, alpha=alpha) if in_place else torch.baddbmm(acc, x, w, alpha=alpha)
+    return _GatheredBmm.apply(acc, x, w, idx, alpha, transpose)
+
+
+class _GatheredBmm(torch.autograd.Function):
+    """`_chunk_bmm` with chunks gathering their slot's weights, without keeping the gathered [G, a, b] copy for
+    backward (autograd's `index_select` + `bmm` would): with chunks of a row or a few, that copy is as large
+    as the activations it multiplies. Backward gathers again and sums the chunks' weight gradients per slot
+    in w's dtype (fp32: the stacks'), not in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, acc: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
+                alpha: float, transpose: bool) -> torch.Tensor:
+        wg = w.to(x.dtype).index_select(0, idx)
+        wg = wg.transpose(1, 2) if transpose else wg
+        ctx.save_for_backward(x, w, idx)
+        ctx.alpha, ctx.has_acc, ctx.transpose = alpha, acc is not None, transpose
+        return torch.bmm(x, wg) if acc is None else torch.baddbmm(acc, x, wg, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w, idx = ctx.saved_tensors
+        gs = g if ctx.alpha == 1.0 else g * ctx.alpha
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            wg = w.to(g.dtype).index_select(0, idx)
+            gx = torch.bmm(gs, wg if ctx.transpose else wg.transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            per_chunk = torch.bmm(x.transpose(1, 2).to(g.dtype), gs)  # [G, a, b]
+            per_chunk = per_chunk.transpose(1, 2) if ctx.transpose else per_chunk
+            gw = torch.zeros_like(w).index_add_(0, idx, per_chunk.to(w.dtype))
+        return (g if ctx.has_acc else None), gx, gw, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on x runs in: autocast's, when it is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _slice(t: torch.Tensor | None, start: int, stop: int, rows: int) -> torch.Tensor | None:
@@ -111,10 +274,13 @@ def _slice(t: torch.Tensor | None, start: int, stop: int, rows: int) -> torch.Te
 class PackedLinear(nn.Module):
     """A frozen nn.Linear shared by K trials, each of which may carry LoRA / DoRA / IA3 / a BitFit bias here.
 
-    The frozen GEMM x W^T runs once over the whole pack (after IA3 input scaling, which is per segment); the
-    rest is per segment with the exact operations of `autopeft.kernels.reference` (so a pack of one is the
-    unpacked computation). `slots[k]` is trial k's own module at this path (a `PeftLinear`, or the plain
-    nn.Linear whose bias BitFit may train); their weights are the shared one.
+    The frozen GEMM x W^T runs once over the whole pack (after IA3 input scaling, which is per trial). The
+    trials' terms then run grouped (`stack`, `_grouped`): a constant number of batched ops whatever K is, the
+    per-trial differences living in stacked, padded parameters. Where a site cannot be grouped (per-trial
+    LoRA dropout, a released slot) they run per segment (`_loop`) with the exact operations of
+    `autopeft.kernels.reference`, so a pack of one is the unpacked computation; the grouped path is tested
+    against that loop. `slots[k]` is trial k's own module at this path (a `PeftLinear`, or the plain nn.Linear
+    whose bias BitFit may train); their weights are the shared one.
     """
 
     def __init__(self, base: nn.Linear, slots: Sequence[nn.Module], state: PackState) -> None:
@@ -131,10 +297,17 @@ class PackedLinear(nn.Module):
         # LoRA and bias terms can accumulate straight into the shared output (no per-segment copy and cat); DoRA
         # and IA3 on the output rescale it, which autograd needs out of place
         self.in_place = not any(isinstance(m, PeftLinear) and (m.dora or m.ia3 == "out") for m in slots)
+        self._stacks: dict[str, _Stack] | None = None
+        self._released: set[int] = set()
+        state.sites.append(self)
 
     @staticmethod
     def _bias(m: nn.Module) -> torch.Tensor | None:
         return m.base_layer.bias if isinstance(m, PeftLinear) else m.bias
+
+    def _peft(self, k: int) -> PeftLinear | None:
+        m = self.slots[k]
+        return m if isinstance(m, PeftLinear) else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -148,15 +321,144 @@ class PackedLinear(nn.Module):
         segments = self.state.segments
         if not segments or segments[-1][2] != x.shape[0]:
             raise RuntimeError("PackedLinear called without segments covering the batch (set PackState.segments)")
+        if self._stacks is not None and not any(k in self._released for k, _, _ in segments):
+            layout = self.state.layout(x.device, len(self.slots))
+            if layout is not None:
+                self.state.grouped += 1
+                return self._grouped(x, *layout)
+        self.state.looped += 1
+        x = self._input(x)
+        z = F.linear(x, _cast(self.base_layer.weight, x), None if self.own_bias else _cast(self.base_layer.bias, x))
+        return self._accumulate(x, z) if self.in_place else self._loop(x, z)
+
+    # ----- grouped: every trial at once ---------------------------------------------------------------------
+    def stack(self) -> bool:
+        """Move this site's trainable terms into stacks (`_Stack`); False where the site stays on the loop:
+        per-trial LoRA dropout (one mask per trial, as sequential training draws them)."""
+        pefts = [self._peft(k) for k in range(len(self.slots))]
+        if self._stacks is not None or any(p is not None and p.rank and p.dropout for p in pefts):
+            return False
+        dev = self.base_layer.weight.device
+        ranks = [p.rank if p is not None else 0 for p in pefts]
+        st: dict[str, _Stack] = {}
+        if any(ranks):
+            st["A"] = _Stack([p.autopeft_lora_A if r else None for p, r in zip(pefts, ranks, strict=True)], 0.0, dev)
+            st["Bt"] = _Stack([p.autopeft_lora_B if r else None for p, r in zip(pefts, ranks, strict=True)], 0.0,
+                              dev, transpose=True)
+            scalings = [p.scaling if r else 0.0 for p, r in zip(pefts, ranks, strict=True)]
+            used = {s for s, r in zip(scalings, ranks, strict=True) if r}
+            # one scaling for every trial (the usual alpha = ratio * r) is the GEMM's alpha, as in the reference;
+            # otherwise each trial's B is scaled in its stack
+            self._alpha = used.pop() if len(used) == 1 else None
+            self._scalings = torch.tensor(scalings, device=dev).view(-1, 1, 1)
+        dora = [k for k, p in enumerate(pefts) if p is not None and p.dora]
+        if dora:
+            st["magnitude"] = _Stack([p.autopeft_dora_magnitude if p is not None and p.dora else None
+                                      for p in pefts], 1.0, dev)
+            self._dora = torch.tensor(dora, device=dev)
+            used = {pefts[k].scaling for k in dora}
+            self._dora_alpha = used.pop() if len(used) == 1 else None
+            self._dora_scalings = torch.tensor([pefts[k].scaling for k in dora], device=dev).view(-1, 1, 1)
+            # the bias goes before the LoRA term for LoRA trials, after the rescaling for DoRA trials
+            self._after = torch.tensor([float(k in dora) for k in range(len(pefts))], device=dev).view(-1, 1)
+            self._before = 1 - self._after
+        for side in ("in", "out"):
+            vectors = [p.autopeft_ia3 if p is not None and p.ia3 == side else None for p in pefts]
+            if any(v is not None for v in vectors):
+                st[f"ia3_{side}"] = _Stack(vectors, 1.0, dev)
+        biases = [self._bias(m) for m in self.slots]
+        if self.own_bias and any(b is not None for b in biases):
+            st["bias"] = _Stack(biases, 0.0, dev)
+        # under autocast a trial's output has its GEMMs' dtype, except that DoRA adds its bias last, out of place
+        # (`reference.dora_linear`), so an fp32 bias promotes it; the pack's output, like a `cat`, is the promotion
+        self._promotes = {k: b.dtype for k, (p, b) in enumerate(zip(pefts, biases, strict=True))
+                          if b is not None and p is not None and p.dora}
+        self._stacks = st
+        return True
+
+    def release(self, slot: int | None = None) -> None:
+        if self._stacks is None:
+            return
+        for s in self._stacks.values():
+            s.release(slot)
+        if slot is None:
+            self._stacks = None
+            self._released.clear()
+        else:
+            self._released.add(slot)
+
+    def _grouped(self, x: torch.Tensor, chunks: int, idx: torch.Tensor | None) -> torch.Tensor:
+        """The loop's math for all segments at once: the batch as `chunks` equal chunks of rows of one trial each
+        (`PackState.layout`), per-trial vectors gathered per chunk and broadcast, LoRA as two batched GEMMs
+        (x A^T, then accumulated into the shared output, as `reference._add_low_rank` does with addmm).
+        Trials without a term get its identity (zero LoRA rows, IA3 and scale of one, bias of zero), which
+        leaves their rows exactly as the loop would."""
+        st = self._stacks
+        present = {k for k, _, _ in self.state.segments}
+        if torch.is_grad_enabled():
+            for s in st.values():
+                s.used |= present
+        autocast = torch.is_autocast_enabled(x.device.type)
+        shape = x.shape
+        if "ia3_in" in st:
+            x = (x.reshape(chunks, -1, shape[-1]) * _rows(st["ia3_in"].leaf.to(x.dtype), idx)).view(shape)
+        x_dtype = x.dtype
+        if autocast:  # one cast of x that the base GEMM and x A^T share (autocast would cast it for each)
+            x = x.to(_compute_dtype(x))
+        z = F.linear(x, _cast(self.base_layer.weight, x), None if self.own_bias else _cast(self.base_layer.bias, x))
+        dtype = z.dtype
+        if autocast and not self.in_place:
+            for k, d in self._promotes.items():
+                dtype = torch.promote_types(dtype, d) if k in present else dtype
+        y = z.view(chunks, -1, z.shape[-1])
+        bias = None
+        if "bias" in st:
+            bias = st["bias"].leaf.to(st["bias"].dtype if autocast else x_dtype)
+            before = bias if "magnitude" not in st else bias * self._before.to(bias.dtype)
+            y = y.add_(_rows(before, idx)) if self.in_place else y + _rows(before, idx)
+        if "A" in st:
+            Bt = st["Bt"].leaf if self._alpha is not None else st["Bt"].leaf * self._scalings
+            xa = _chunk_bmm(None, x.reshape(chunks, -1, shape[-1]), st["A"].leaf, idx, transpose=True)
+            y = _chunk_bmm(y, xa, Bt, idx, 1.0 if self._alpha is None else self._alpha, self.in_place)
+        if "magnitude" in st:
+            y = y * _rows(self._dora_scale(x_dtype), idx).to(y.dtype)
+            if bias is not None:
+                y = y + _rows(bias * self._after.to(bias.dtype), idx)
+        if "ia3_out" in st:
+            y = y * _rows(st["ia3_out"].leaf.to(y.dtype), idx)
+        y = y.view(*shape[:-1], y.shape[-1])
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def _dora_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """[K, out] in the input's `dtype`: m / ||W + s B A||_row (detached) for the DoRA trials, as
+        `reference.dora_linear` computes it (B A in autocast's dtype when on, scaled, then added to W in fp32),
+        one for the others."""
+        st = self._stacks
+        with torch.no_grad():
+            A = st["A"].leaf.index_select(0, self._dora)
+            B = st["Bt"].leaf.index_select(0, self._dora).transpose(1, 2)
+            ba = torch.bmm(B, A)
+            delta = self._dora_alpha * ba if self._dora_alpha is not None else \
+                (ba.float() * self._dora_scalings).to(ba.dtype)
+            norm = (self.base_layer.weight.to(torch.float32) + delta).norm(p=2, dim=2)
+        scale = (st["magnitude"].leaf.index_select(0, self._dora).to(torch.float32) / norm).to(dtype)
+        ones = torch.ones(len(self.slots), scale.shape[-1], dtype=scale.dtype, device=scale.device)
+        return ones.index_copy(0, self._dora, scale)
+
+    # ----- the per-segment loop -----------------------------------------------------------------------------
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scales_input:
+            return x
+        parts = []  # IA3 on the input: per segment, before the shared GEMM
+        for k, s, e in self.state.segments:
+            peft = self._peft(k)
+            parts.append(x[s:e] * peft.autopeft_ia3.to(x.dtype) if peft is not None and peft.ia3 == "in" else x[s:e])
+        return torch.cat(parts)
+
+    def _loop(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         w = self.base_layer.weight
-        if self.scales_input:  # IA3 on the input: per segment, before the shared GEMM
-            x = torch.cat([x[s:e] * m.autopeft_ia3.to(x.dtype) if isinstance(m, PeftLinear) and m.ia3 == "in"
-                           else x[s:e] for m, s, e in ((self.slots[k], s, e) for k, s, e in segments)])
-        z = F.linear(x, _cast(w, x), None if self.own_bias else _cast(self.base_layer.bias, x))
-        if self.in_place:
-            return self._accumulate(x, z)
         outs = []
-        for k, s, e in segments:
+        for k, s, e in self.state.segments:
             m, xk, y = self.slots[k], x[s:e], z[s:e]
             b = self._bias(m)
             peft = m if isinstance(m, PeftLinear) else None
@@ -169,8 +471,8 @@ class PackedLinear(nn.Module):
                 y = _add_low_rank(y, xa, _cast(B, xa), peft.scaling) * scale.to(y.dtype)
                 y = y + _cast(b, xk) if b is not None else y
             else:
-                if self.own_bias and b is not None:
-                    y = y + _cast(b, xk)
+                if self.own_bias and b is not None:  # in the trial's own GEMM, the bias takes the GEMM's dtype
+                    y = (y + _cast(b, xk)).to(y.dtype)
                 if peft is not None and peft.rank:  # reference.lora_linear
                     xd = F.dropout(xk, peft.dropout, self.training) if peft.dropout and self.training else xk
                     xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
@@ -199,7 +501,8 @@ class PackedLinear(nn.Module):
         return z
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {len(self.slots)} trials"
+        path = "grouped" if self._stacks is not None else "per segment"
+        return f"{self.in_features} -> {self.out_features}, {len(self.slots)} trials, {path}"
 
 
 class SegmentedModule(nn.Module):
@@ -300,7 +603,7 @@ def build_packed_model(base: nn.Module, trial_models: Sequence[nn.Module], specs
             new = PackedLinear(mod, slots, state) if isinstance(mod, nn.Linear) else SegmentedModule(slots, state)
             setattr(holder, name, new)
         # 2. serial and parallel adapters: one post-hook per site, applying each trial's in its own order
-        ops: dict[str, dict[int, list]] = {}
+        ops: dict[str, dict[int, list[tuple[str, nn.Module]]]] = {}
         capture = False
         for k, (spec, tl) in enumerate(zip(specs, trial_layers, strict=True)):
             tlayer = tl[i]
@@ -310,15 +613,16 @@ def build_packed_model(base: nn.Module, trial_models: Sequence[nn.Module], specs
                     sites = {"attn": arch.attn_out, **sites}
                 for site, path in sites.items():
                     adapter = tlayer.get_submodule(f"autopeft_serial_{site}")
-                    ops.setdefault(path, {}).setdefault(k, []).append(_serial_op(adapter))
+                    ops.setdefault(path, {}).setdefault(k, []).append(("serial", adapter))
             if spec.parallel_adapter[i]:
                 adapter = tlayer.get_submodule("autopeft_parallel")
-                ops.setdefault(arch.ffn_out, {}).setdefault(k, []).append(_parallel_op(adapter))
+                ops.setdefault(arch.ffn_out, {}).setdefault(k, []).append(("parallel", adapter))
                 capture = True
         if capture:
             layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_capture_hook(state, i))
         for path, per_trial in ops.items():
-            layer.get_submodule(path).register_forward_hook(_segment_hook(state, per_trial, i if capture else None))
+            layer.get_submodule(path).register_forward_hook(
+                _AdapterSite(state, per_trial, i if capture else None, len(trial_models)))
         # 3. prefixes: the attention module learns each trial's (None where a trial has none here)
         if any(spec.prefix[i] for spec in specs):
             attention = layer.get_submodule(arch.attention)
@@ -336,34 +640,134 @@ def build_packed_model(base: nn.Module, trial_models: Sequence[nn.Module], specs
     return state
 
 
-def _serial_op(adapter: nn.Module):
-    return lambda y, x: adapter.apply(y)
-
-
-def _parallel_op(adapter: nn.Module):
-    return lambda y, x: adapter.apply(x, residual=y, scale=adapter.scale)
-
-
 def _capture_hook(state: PackState, layer: int):
     def hook(module: nn.Module, args: Any) -> None:
         state.captured[layer] = args[0]
     return hook
 
 
-def _segment_hook(state: PackState, per_trial: dict[int, list], layer: int | None):
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+class _AdapterSite:
+    """The forward hook at one sub-layer output where some trials have serial / parallel bottleneck adapters.
+
+    `ops[k]` is trial k's, in the order `inject` registers them: ("serial", adapter) for an adapter on this
+    output, ("parallel", adapter) for one reading the FFN's input (captured by a pre-hook into
+    `PackState.captured[layer]`). Per segment (`_loop`) each trial's adapters run on its rows with
+    `Bottleneck.apply`; grouped (`stack`), one pass per kind runs every trial's with batched GEMMs over
+    stacked weights padded to the widest bottleneck. A trial without that kind of adapter here has zero
+    weights and biases, and since every activation in `reference.ACTIVATIONS` maps 0 to 0 its rows come out
+    unchanged, exactly (and padding columns contribute exactly zero, forward and backward).
+    """
+
+    KINDS = ("serial", "parallel")
+    WEIGHTS = ("down", "down_bias", "up_t", "up_bias")
+
+    def __init__(self, state: PackState, ops: dict[int, list[tuple[str, nn.Module]]], layer: int | None,
+                 slots: int) -> None:
+        self.state, self.ops, self.layer, self.slots = state, ops, layer, slots
+        self._passes: list[dict[str, Any]] | None = None
+        self._released: set[int] = set()
+        state.sites.append(self)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        state = self.state
         out = output[0] if isinstance(output, tuple) else output
-        x = state.captured.pop(layer, None) if layer is not None else None
+        x = state.captured.pop(self.layer, None) if self.layer is not None else None
+        layout = None
+        if self._passes is not None and not any(k in self._released for k, _, _ in state.segments):
+            layout = state.layout(out.device, self.slots)
+        if layout is not None:
+            state.grouped += 1
+            new = self._grouped(out, x, *layout)
+        else:
+            state.looped += 1
+            new = self._loop(out, x)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def _loop(self, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         rows, pieces = out.shape[0], []
-        for k, s, e in state.segments:
+        for k, s, e in self.state.segments:
             y = out[s:e]
             xk = _slice(x, s, e, rows)
-            for op in per_trial.get(k, ()):
-                y = op(y, xk)
+            for kind, adapter in self.ops.get(k, ()):
+                y = adapter.apply(y) if kind == "serial" else adapter.apply(xk, residual=y, scale=adapter.scale)
             pieces.append(y)
-        new = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-    return hook
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def stack(self) -> bool:
+        """One pass per kind, each over stacked weights; False (the loop stays) where a trial has two adapters
+        of one kind here or the trials' adapters of one kind differ in activation."""
+        if self._passes is not None:
+            return False
+        passes: list[tuple[str, dict[int, nn.Module]]] = []
+        for kind in self.KINDS:
+            mine = {k: [a for kd, a in ops if kd == kind] for k, ops in self.ops.items()}
+            mine = {k: a for k, a in mine.items() if a}
+            if not mine:
+                continue
+            if any(len(a) != 1 for a in mine.values()) or len({a[0].activation for a in mine.values()}) != 1:
+                return False
+            passes.append((kind, {k: a[0] for k, a in mine.items()}))
+        for k, ops in self.ops.items():  # each trial's order must be the passes' order
+            if [kind for kind, _ in ops] != [kind for kind, by_slot in passes if k in by_slot]:
+                return False
+        self._passes = [self._stack_pass(kind, by_slot) for kind, by_slot in passes]
+        return True
+
+    def _stack_pass(self, kind: str, by_slot: dict[int, nn.Module]) -> dict[str, Any]:
+        adapters = [by_slot.get(k) for k in range(self.slots)]
+        first = next(a for a in adapters if a is not None)
+        dev = first.down_weight.device
+
+        def stack(name: str, transpose: bool = False) -> _Stack:
+            return _Stack([getattr(a, name) if a is not None else None for a in adapters], 0.0, dev, transpose)
+
+        stacked: dict[str, Any] = {
+            "kind": kind, "activation": ACTIVATIONS[first.activation], "down": stack("down_weight"),
+            "down_bias": stack("down_bias"), "up_t": stack("up_weight", transpose=True), "up_bias": stack("up_bias"),
+            "alpha": 1.0, "scales": None}
+        if kind == "parallel":
+            used = {a.scale for a in adapters if a is not None}
+            if len(used) == 1:
+                stacked["alpha"] = used.pop()
+            else:  # a trial without one here has zero weights: its scale does not matter
+                stacked["scales"] = torch.tensor([a.scale if a is not None else 0.0 for a in adapters],
+                                                 device=dev).view(-1, 1)
+        return stacked
+
+    def release(self, slot: int | None = None) -> None:
+        if self._passes is None:
+            return
+        for p in self._passes:
+            for name in self.WEIGHTS:
+                p[name].release(slot)
+        if slot is None:
+            self._passes = None
+            self._released.clear()
+        else:
+            self._released.add(slot)
+
+    def _grouped(self, out: torch.Tensor, x: torch.Tensor | None, chunks: int, idx: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """`reference.bottleneck_adapter` for every trial at once, one pass per kind, as batched GEMMs with the
+        biases folded in (`baddbmm`, as `F.linear` folds them)."""
+        autocast = torch.is_autocast_enabled(out.device.type)
+        present = {k for k, _, _ in self.state.segments}
+        y = out.reshape(chunks, -1, out.shape[-1])
+        for p in self._passes:
+            if torch.is_grad_enabled():
+                for name in self.WEIGHTS:
+                    p[name].used |= present
+            inp = y if p["kind"] == "serial" else x.reshape(chunks, -1, x.shape[-1])
+            if autocast:
+                inp = inp.to(_compute_dtype(inp))
+            down, down_bias, up_t, up_bias = (p[n].leaf for n in self.WEIGHTS)
+            h = p["activation"](_chunk_bmm(_rows(down_bias.to(inp.dtype), idx), inp, down, idx, transpose=True))
+            up = _chunk_bmm(_rows(up_bias.to(h.dtype), idx), h, up_t, idx)
+            if p["scales"] is not None:
+                y = y + up * _rows(p["scales"].to(up.dtype), idx)
+            else:
+                y = y + up if p["alpha"] == 1.0 else torch.add(y, up, alpha=p["alpha"])
+        return y.view(out.shape)
 
 
 # ----- one trial inside a pack ---------------------------------------------------------------------------------
@@ -410,6 +814,8 @@ class PackStats:
     tokens: int
     peak_memory_mb: float
     steps: int  # packed steps (forward/backward passes over the pack)
+    grouped: int = 0  # forward calls of packed sites that ran grouped (all trials in one set of batched ops)
+    looped: int = 0  # ... and that ran the per-segment loop
 
     @property
     def tokens_per_s(self) -> float:
@@ -428,8 +834,8 @@ def plan_pack_size(limit_mb: float, *, backbone_mb: float, per_trial_mb: float, 
     Estimate, then measure: a worker starts from an estimate of `per_trial_mb` (a trial's activations and
     adapter state at its fidelity), trains a pack, and replans with the measured increment,
     `(PackStats.peak_memory_mb - backbone_mb) / PackStats.size`. At least 1 (a trial that does not fit alone
-    runs, and fails `oom`, unpacked as before); at most `max_size`, past which the per-segment loop's launches
-    and the pack's padding cost more than the shared GEMMs save.
+    runs, and fails `oom`, unpacked as before); at most `max_size`, past which the pack's padding (every trial
+    to the widest example) and its remaining per-segment work (prefixes, heads) cost more than sharing saves.
     """
     if per_trial_mb <= 0:
         return max_size
@@ -500,6 +906,8 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
     cache_tag = (resolve_backbone(configs[0].backbone), task.name, task.source)
     for t in trials:
         _prepare(t, task, tokenizer, select, heldout_fraction, dev, cache_tag)
+    if GROUPED:  # after `_prepare`: the parameters are on the device, in fp32, and in their optimisers
+        state.stack()
     pad_id = tokenizer.pad_token_id
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
@@ -554,6 +962,9 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
                     elif t.step >= t.total_steps:
                         t.train_s = now - t0
                 packed_steps += 1
+                for t in active:
+                    if t.failure is not None or t.step >= t.total_steps:
+                        state.release(t.slot)  # it leaves the pack: its parameters become its own again
                 active = [t for t in active if t.failure is None and t.step < t.total_steps]
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -564,11 +975,13 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
         for t in trials:
             if t.failure is None:
                 t.failure = TrialFailed("oom", detail, memory_mb=memory)
-        return Pack([t.failure for t in trials], PackStats(len(trials), 0.0, tokens, memory or 0.0, packed_steps))
+        return Pack([t.failure for t in trials], PackStats(len(trials), 0.0, tokens, memory or 0.0, packed_steps,
+                                                           state.grouped, state.looped))
     finally:
         state.segments = []
+        state.release()
 
-    stats = PackStats(len(trials), pack_s, tokens, mem.peak_mb, packed_steps)
+    stats = PackStats(len(trials), pack_s, tokens, mem.peak_mb, packed_steps, state.grouped, state.looped)
     for t in trials:
         if t.failure is None:
             try:

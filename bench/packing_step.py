@@ -1,0 +1,190 @@
+"""Milliseconds per packed training step, grouped adapter terms against the per-segment loop.
+
+A packed step was launch-bound: `PackedLinear` and the adapter hooks ran every trial's terms one segment at a
+time, so the step's kernel count grew with the pack size K. The grouped path (`autopeft.packing.GROUPED`,
+stacked parameters and batched GEMMs) makes it independent of K. This measures exactly that step, in
+isolation from data loading and evaluation (bench/packing.py measures whole trials): one forward under bf16
+autocast over the pack's K x batch-size rows, the per-trial losses, one backward, and each trial's own
+clipping and AdamW step, as `packing.train_pack` runs it. Arms, on the same pack and the same inputs:
+
+* `loop`: every site per segment (`GROUPED = False`);
+* `grouped`: every site that can be, grouped (here all of them: no LoRA dropout);
+* `unpacked`: each trial's own model stepped alone on its own rows, summed over the K trials: what K
+  one-by-one trials cost for the same work.
+
+The backbone is random (speed does not depend on the weights) at roberta-large size: 24 layers, hidden 1024,
+16 heads, FFN 4096 (BERT architecture); the trials are bench/packing.py's SPECS (LoRA at several sites and
+ranks, DoRA, IA3), cycled to `--pack-size`.
+
+    python bench/packing_step.py --pack-size 8     # GPU
+    python bench/packing_step.py --tiny            # CPU smoke run: tiny BERT, seconds; the numbers mean nothing
+
+Writes bench/results/packing_step-<device>-<date>.json (`packing_step_tiny-...` for --tiny) and prints the
+summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from common import device_name, time_cuda, write_results
+from packing import SPECS
+from torch import nn
+
+from autopeft import packing
+from autopeft.packing import _share_frozen, build_packed_model
+from autopeft.peft import inject
+from autopeft.spec import Fidelity, PeftSpec
+from autopeft.train import _param_groups, _seed_everything, pick_device
+
+
+@dataclasses.dataclass
+class Trial:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: list[nn.Parameter]
+    rows: slice
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, packing.PackState, list[Trial]]:
+    """The shared backbone made into the pack of `--pack-size` trials, each with its model and optimiser."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    if args.tiny:
+        config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    else:
+        config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                            intermediate_size=4096, max_position_embeddings=514, num_labels=2)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0  # packed dropout is not the point
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").to(dtype)
+    shared = dict(base.named_parameters())
+    models, specs = [], []
+    for k in range(args.pack_size):
+        model = copy.deepcopy(base)
+        spec = PeftSpec.from_dict(SPECS[k % len(SPECS)], num_layers=config.num_hidden_layers)
+        _seed_everything(k)
+        inject(model, spec)
+        _share_frozen(model, shared)
+        models.append(model)
+        specs.append(spec)
+    state = build_packed_model(base, models, specs)
+    base.to(device).train()
+    fid = Fidelity()
+    trials = []
+    for k, model in enumerate(models):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        model.to(device).train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        rows = slice(k * args.batch_size, (k + 1) * args.batch_size)
+        trials.append(Trial(model, torch.optim.AdamW(_param_groups(model, fid)), trainable, rows))
+    return base, state, trials
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pack-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per trial")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per row (every row full)")
+    ap.add_argument("--iters", type=int, default=10, help="timed steps per arm (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip-unpacked", action="store_true", help="leave out the one-trial-at-a-time arm")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny BERT, short rows, few steps")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    if args.tiny:
+        device = pick_device("cpu")
+        args.batch_size, args.max_length = min(args.batch_size, 4), min(args.max_length, 16)
+        args.iters, args.warmup = min(args.iters, 3), min(args.warmup, 1)
+    else:
+        device = pick_device()
+
+    base, state, trials = build(args, device)
+    k, bs, length = args.pack_size, args.batch_size, args.max_length
+    gen = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    input_ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (k * bs, length), generator=gen).to(device)
+    mask = torch.ones_like(input_ids)
+    labels = torch.randint(0, 2, (k * bs,), generator=gen).to(device)
+    segments = [(i, i * bs, (i + 1) * bs) for i in range(k)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    loss_fn = nn.CrossEntropyLoss()
+    losses: list[float] = []
+
+    def update(t: Trial) -> None:
+        torch.nn.utils.clip_grad_norm_(t.trainable, 1.0)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+
+    def packed_step() -> None:
+        state.segments = segments
+        with autocast:
+            logits = base(input_ids=input_ids, attention_mask=mask).logits
+            loss = torch.stack([loss_fn(logits[s:e], labels[s:e]) for _, s, e in segments]).sum()
+        loss.backward()
+        for t in trials:
+            update(t)
+        losses.append(loss.detach())
+
+    def unpacked_steps() -> None:
+        for t in trials:
+            with autocast:
+                loss = t.model(input_ids=input_ids[t.rows], attention_mask=mask[t.rows], labels=labels[t.rows]).loss
+            loss.backward()
+            update(t)
+            losses.append(loss.detach())
+
+    rows: list[dict[str, Any]] = []
+    ms: dict[str, float] = {}
+    for arm in ("loop", "unpacked", "grouped"):
+        if arm == "unpacked" and args.skip_unpacked:
+            continue
+        if arm == "grouped":
+            stacked = state.stack()
+            print(f"grouped: {stacked} of {len(state.sites)} packed sites stacked", flush=True)
+        for t in trials:  # fresh AdamW state, laid out like the parameters as they are now (as in train_pack)
+            t.optimizer = torch.optim.AdamW(_param_groups(t.model, Fidelity()))
+        fn = unpacked_steps if arm == "unpacked" else packed_step
+        before = (state.grouped, state.looped)
+        ms[arm] = time_cuda(fn, warmup=args.warmup, iters=args.iters)
+        calls = args.warmup + args.iters
+        per_step = ((state.grouped - before[0]) / calls, (state.looped - before[1]) / calls)
+        finite = bool(torch.isfinite(torch.stack(losses[-calls:]).float()).all())
+        rows.append({"arm": arm, "ms_per_step": ms[arm], "grouped_calls_per_step": per_step[0],
+                     "looped_calls_per_step": per_step[1], "losses_finite": finite})
+        print(f"{arm:9s} {ms[arm]:9.1f} ms/step  (site calls per step: {per_step[0]:.0f} grouped, "
+              f"{per_step[1]:.0f} per segment; losses finite: {finite})", flush=True)
+    state.release()
+
+    summary: dict[str, float] = {
+        "step_ms_loop": ms["loop"],
+        "step_ms_grouped": ms["grouped"],
+        "grouped_speedup_vs_loop": ms["loop"] / ms["grouped"],
+        "pack_size": k,
+    }
+    if "unpacked" in ms:
+        summary["step_ms_unpacked_total"] = ms["unpacked"]
+        summary["grouped_speedup_vs_unpacked"] = ms["unpacked"] / ms["grouped"]
+    what = "tiny BERT (smoke run: the numbers mean nothing)" if args.tiny else "random roberta-large-size BERT"
+    notes = (f"{what}; pack of {k} trials (bench/packing.py SPECS, cycled), {bs} rows x {length} tokens each, "
+             "bf16 autocast on CUDA; median ms of one training step (forward, backward, per-trial clip + AdamW) "
+             f"over {args.iters} steps after {args.warmup} warm-up; unpacked = the K trials' own steps summed; "
+             f"{device_name(device)}")
+    write_results("packing_step_tiny" if args.tiny else "packing_step", rows, summary, out_dir=args.out,
+                  notes=notes, device=device)
+
+
+if __name__ == "__main__":
+    main()
