@@ -88,20 +88,6 @@ def test_resume_continues_without_rerunning(tmp_path: Path, tiny_backbone_dir: P
                    echo=lambda _: None)
 
 
-def _schema_ready(db: Path) -> bool:
-    """The search has created Optuna's schema in `db` (read-only look: writes nothing, creates nothing)."""
-    import sqlite3
-    from contextlib import closing
-
-    if not db.is_file():
-        return False
-    try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
-    except sqlite3.Error:
-        return False
-
-
 def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions) -> None:
     """A study killed mid-trial resumes; the half-run trial ends FAILED and is retried; nothing done is lost."""
     out = tmp_path / "runs"
@@ -109,25 +95,24 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_backbone_dir: Path, 
             "--sampler", "random", "--n-trials", "3", "--train", toy.train_file, "--dev", toy.dev_file,
             "--text-column", "review", "--label-column", "label", "--heldout-examples", "40", "--batch-size", "8",
             "--max-length", "32"]
-    # the first run trains long enough (many epochs) to be caught mid-trial
-    proc = subprocess.Popen([sys.executable, "-m", "autopeft", *args, "--epochs", "40"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    db = out / "optuna.db"
-    deadline = time.time() + 240
-    url = f"sqlite:///{db}"
-    while time.time() < deadline:  # wait until one trial is complete and the next one is running
-        if _schema_ready(db):  # opening the storage earlier would race the search's own schema creation
-            try:
-                trials = optuna.load_study(study_name="file", storage=url).trials
-            except Exception:  # the study may not exist yet
-                trials = []
-            states = [t.state for t in trials]
-            if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
-                break
+    # one quick complete trial first, then a run whose next trial trains long enough (many epochs) to be caught
+    # mid-trial: waiting for "one complete and the next running" inside a single run raced a loaded CI machine
+    assert main([*args, "--n-trials", "1", "--max-steps", "3", "--no-tracking"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "autopeft", *args, "--resume", "--epochs", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"sqlite:///{out / 'optuna.db'}"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # until the second trial is running
+        try:
+            states = [t.state for t in optuna.load_study(study_name="file", storage=url).trials]
+        except Exception:  # the database may be locked for a moment by the search's own writes
+            states = []
+        if optuna.trial.TrialState.RUNNING in states:
+            break
         time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail(f"study never reached a running second trial: {proc.communicate()[0][-2000:]}")
+        pytest.fail(f"the resumed study never had a running trial: {proc.communicate()[0][-2000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = optuna.load_study(study_name="file", storage=url)
