@@ -152,6 +152,7 @@ class Tracker:
         self._offline = False  # the last attempt failed: probe once instead of retrying every trial
         self._warned = False
         self._table_logged = False
+        self._marked: set[int] | None = None  # the front as last tagged and tabled by this tracker
 
     # ----- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -553,9 +554,12 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
 
         client = self.client()
+        # Re-tagging and the front table cost a search and a write per front run: only when the front moved
+        # since this tracker last marked it (or at the end). The child run just logged got its own tag already.
+        moved = self._final or front != self._marked
         tagged = {}
-        for run in client.search_runs([self.experiment_id], f"tags.{TAG_PARENT} = '{self.parent_run_id}' and "
-                                      f"tags.`{TAG_PARETO}` = 'true'", max_results=1000):
+        query = f"tags.{TAG_PARENT} = '{self.parent_run_id}' and tags.`{TAG_PARETO}` = 'true'"
+        for run in client.search_runs([self.experiment_id], query, max_results=1000) if moved else []:
             number = run.data.tags.get(TAG_TRIAL, "")
             if number.isdigit():
                 tagged[int(number)] = run.info.run_id
@@ -563,7 +567,7 @@ class Tracker:
             if number not in front:
                 client.log_batch(run_id, tags=[RunTag(TAG_PARETO, "false")])
         trials = study.get_trials(deepcopy=False)
-        for t in trials:
+        for t in trials if moved else ():
             run_id = self._run_id_of(study, t) if t.number in front and t.number not in tagged else None
             if run_id:
                 client.log_batch(run_id, tags=[RunTag(TAG_PARETO, "true")])
@@ -581,9 +585,10 @@ class Tracker:
         client.log_batch(self.parent_run_id, metrics=metrics,
                          tags=[RunTag("autopeft.front", json.dumps(sorted(front)))])
         if self.report:
-            self._log_report(study, front)
+            self._log_report(study, front, table=moved)
+        self._marked = set(front)
 
-    def _log_report(self, study: optuna.Study, front: set[int]) -> None:
+    def _log_report(self, study: optuna.Study, front: set[int], table: bool = True) -> None:
         """report.html + front.png + front.json to `<out>/artifacts/<study>/pareto/` and the parent's artifacts."""
         client = self.client()
         local = self.report_dir()
@@ -598,7 +603,8 @@ class Tracker:
             self._png_at = time.monotonic()
         for path in paths.values():
             client.log_artifact(self.parent_run_id, str(path), REPORT_DIR)
-        self._log_front_table(study, front)
+        if table:
+            self._log_front_table(study, front)
 
     def _log_front_table(self, study: optuna.Study, front: set[int]) -> None:
         """The front as an MLflow table (`log_table`). log_table appends to an existing file, so later updates

@@ -286,7 +286,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per sampler")
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--n-startup-trials", type=int, default=8, help="as studies/glue-sst2.yaml")
-    ap.add_argument("--proposal-batch", type=int, default=4, help="BoTorch q-batch, as studies/glue-sst2.yaml")
+    ap.add_argument("--proposal-batch", type=int, default=6, help="BoTorch q-batch, as studies/glue-sst2.yaml")
     ap.add_argument("--jobs", type=int, default=1, help="(sampler, seed) replays in parallel processes")
     ap.add_argument("--out", default=str(BENCH / "results"))
     return ap.parse_args(argv)

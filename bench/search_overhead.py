@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--study-out", help="--out dir of a finished `autopeft search` (adds overhead_fraction)")
     ap.add_argument("--study", help="study name in that dir (default: the first)")
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--proposal-batch", type=int, default=4, help="q-batch per GP fit, as studies/glue-sst2.yaml")
+    ap.add_argument("--proposal-batch", type=int, default=6, help="q-batch per GP fit, as studies/glue-sst2.yaml")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -191,3 +191,20 @@ def test_a_repeated_configuration_reuses_its_twin(tmp_path: Path, tiny_backbone_
     assert len(waiting) == 1  # a new configuration is queued so the search does not stall on the repeat
     queued = waiting[0].system_attrs["fixed_params"]
     assert prepared.space.decode(queued, prepared.num_layers).to_dict() != first.user_attrs["spec"]
+
+
+@pytest.mark.parametrize("where", ["sqlite", "memory"])
+def test_set_user_attrs_writes_all_at_once_like_set_user_attr(where: str, tmp_path: Path) -> None:
+    from autopeft.search import set_user_attrs
+
+    storage = f"sqlite:///{tmp_path / 'a.db'}" if where == "sqlite" else None
+    study = optuna.create_study(storage=storage, study_name="a")
+    trial = study.ask()
+    attrs = {"metric": 0.5, "loss_curve": [0.7, 0.6], "extra": {"k": 1}, "spec": {"lora": {"rank": {"q": 4}}}}
+    set_user_attrs(trial, attrs)
+    assert trial.user_attrs == attrs  # the trial object sees them at once, as after set_user_attr
+    study.tell(trial, 1.0)
+    again = optuna.load_study(study_name="a", storage=storage) if storage else study
+    assert again.trials[0].user_attrs == attrs
+    with pytest.raises(RuntimeError):  # a finished trial refuses, as set_user_attr does
+        set_user_attrs(trial, {"late": 1})

@@ -106,6 +106,18 @@ def test_tracker_mirrors_study_and_moves_pareto_tags(tmp_path: Path) -> None:
     assert [t.number for t in study.best_trials] == [frozen.number]
     runs = children(client, tracker)
     assert {n for n, r in runs.items() if r.data.tags[TAG_PARETO] == "true"} == {frozen.number}
+    # a dominated trial leaves the front as it is (tags and table are only rewritten when the front moves)
+    t = study.ask()
+    for key, value in {"metric": 0.1, "trainable_params": 9, "peak_memory_mb": 9.0, "metric_name": "accuracy"}.items():
+        t.set_user_attr(key, value)
+    dominated = study.tell(t, [0.1, 9, 9.0])
+    tracker.log_trial(study, study.trials[dominated.number])
+    runs = children(client, tracker)
+    assert runs[dominated.number].data.tags[TAG_PARETO] == "false"
+    assert {n for n, r in runs.items() if r.data.tags[TAG_PARETO] == "true"} == {frozen.number}
+    table = json.loads(Path(client.download_artifacts(tracker.parent_run_id, "pareto/front_table.json",
+                                                      str(tmp_path / "table"))).read_text())
+    assert [row[table["columns"].index("trial")] for row in table["data"]] == [frozen.number]
     tracker.finish(study)
     parent = client.get_run(tracker.parent_run_id)
     assert parent.info.status == "FINISHED" and json.loads(parent.data.tags["autopeft.front"]) == [frozen.number]

@@ -72,10 +72,20 @@ def test_heldout_selection_reports_dev_beside(tiny_backbone_dir: Path, toy_data:
 
 
 def test_same_seed_same_losses(tiny_backbone_dir: Path, toy_data: DataOptions) -> None:
+    """Trials share the in-memory template's frozen tensors; what they train (the head, BitFit's biases and
+    LayerNorms) is their own, so the next trial starts from the very same backbone."""
+    from autopeft import train
+
     c = cfg(tiny_backbone_dir, toy_data, {"prefix": 3, "bitfit": True}, max_steps=5, seed=3)
-    a = run_trial(c, progress=False).loss_curve
+    first = run_trial(c, progress=False)
+    (template, _), = train._TEMPLATE.values()
+    before = {k: v.clone() for k, v in template.state_dict().items()}
     b = run_trial(c, progress=False).loss_curve
-    assert a == b
+    assert first.loss_curve == b
+    assert all(torch.equal(v, template.state_dict()[k]) for k, v in before.items())
+    trained = dict(first.model.named_parameters())
+    moved = [n for n, p in trained.items() if p.requires_grad and n in before and not torch.equal(p, before[n])]
+    assert any("bias" in n for n in moved) and any("classifier" in n for n in moved), moved
 
 
 def test_nan_loss_is_a_recorded_failure(tiny_backbone_dir: Path, toy_data: DataOptions) -> None:
