@@ -163,14 +163,19 @@ def test_sigterm_fails_the_trial_cleanly_and_requeues_it(postgres_url: str, tmp_
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
+def _search_args(study: str, tmp_path: Path, backbone: Path, toy: DataOptions, *extra: str) -> list[str]:
+    """`autopeft search` with two local CPU workers on the toy task, random sampler, 2-step trials."""
+    return ["search", "--task", "file", "--study", study, "--out", str(tmp_path / "runs"), "--backbone", str(backbone),
+            "--train", toy.train_file, "--dev", toy.dev_file, "--text-column", "review", "--label-column", "label",
+            "--sampler", "random", "--max-steps", "2", "--batch-size", "8", "--max-length", "24",
+            "--heldout-examples", "20", "--workers", "2", "--no-tracking", "--device", "cpu", *extra]
+
+
 @pytest.mark.slow
 def test_search_workers_share_one_global_budget(postgres_url: str, tmp_path: Path, tiny_backbone_dir: Path,
                                                 toy: DataOptions, capsys) -> None:
-    args = ["search", "--task", "file", "--study", "w", "--storage", postgres_url, "--out", str(tmp_path / "runs"),
-            "--backbone", str(tiny_backbone_dir), "--train", toy.train_file, "--dev", toy.dev_file, "--text-column",
-            "review", "--label-column", "label", "--space", "mixed", "--sampler", "random", "--n-trials", "5",
-            "--max-steps", "2", "--batch-size", "8", "--max-length", "24", "--heldout-examples", "20",
-            "--workers", "2", "--no-tracking", "--device", "cpu"]
+    args = _search_args("w", tmp_path, tiny_backbone_dir, toy, "--storage", postgres_url, "--space", "mixed",
+                        "--n-trials", "5")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[w0]" in out and "[w1]" in out
@@ -184,11 +189,7 @@ def test_search_timeout_holds_for_its_workers(tmp_path: Path, tiny_backbone_dir:
                                               capsys) -> None:
     """`search --workers N --timeout T` must stop the workers starting trials after T, as without --workers
     (they once ignored it: a 400 s search ran for 570 s)."""
-    args = ["search", "--task", "file", "--study", "t", "--out", str(tmp_path / "runs"),
-            "--backbone", str(tiny_backbone_dir), "--train", toy.train_file, "--dev", toy.dev_file, "--text-column",
-            "review", "--label-column", "label", "--sampler", "random", "--n-trials", "50", "--max-steps", "2",
-            "--batch-size", "8", "--max-length", "24", "--heldout-examples", "20", "--workers", "2",
-            "--timeout", "0", "--no-tracking", "--device", "cpu"]
+    args = _search_args("t", tmp_path, tiny_backbone_dir, toy, "--n-trials", "50", "--timeout", "0")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("timeout; ran 0 complete, 0 failed") == 2, out
