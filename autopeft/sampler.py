@@ -15,8 +15,10 @@
   warm-started GP fit capped at 75. The space is integer indices relaxed to intervals and rounded
   afterwards, so a finely converged continuous optimum buys little. qLogNEHVI's cost grows with its
   baseline (one box decomposition of the baseline's front per MC sample), so the baseline is pruned to the
-  24 trials most likely Pareto-optimal. Measured on 2 shared CPU cores, 20 dims (bench/search_overhead.py):
-  ~1.6 s per proposal at 10 trials, ~3 s at 100, ~5 s at 200.
+  24 trials most likely Pareto-optimal. Measured on an idle 2-core machine, 20 dims, 2026-11-29
+  (bench/search_overhead.py): one fit proposing one configuration 5.2 s at 20 trials and 8.0 s at 100; a fit
+  proposing a q-batch of 6 (the presets) 8.7 s and 11.2 s, i.e. 1.5 s and 1.9 s per trial. (The discrete
+  selection and the q-batch greedy step, added since, are part of those times.)
 * Reference point: BoTorch's `infer_reference_point` (10% beyond the nadir of the feasible front) rather
   than Optuna's "worst observed", so early fronts do not give zero volume to improvements along one axis.
 * Robustness: a sampler that raises stops `study.optimize` for every worker, whereas DESIGN.md wants a study
