@@ -223,13 +223,17 @@ def chaos(postgres, tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir:
         found[:] = [i for i, p in enumerate(procs) if p.poll() is None and _running_on(url, p.pid, "chaos")][:1]
         return bool(found)
 
-    for _ in range(2):
+    for _ in range(8):  # until two kills landed mid-trial: a trial can end between the look and the kill
+        if len(killed) == 2:
+            break
         _wait(one_mid_trial, 180, "a worker mid-trial", procs)
         victim = procs[found[0]]
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        killed.append(victim.pid)
+        if _running_on(url, victim.pid, "chaos"):  # its trial stays RUNNING until the heartbeat goes stale
+            killed.append(victim.pid)
         procs[found[0]] = spawn()
+    assert len(killed) == 2, "could not catch a worker mid-trial twice in 8 kills"
     outs = []
     for p in procs:
         try:
