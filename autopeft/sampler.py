@@ -160,6 +160,8 @@ def _botorch_sampler(room: Callable[[optuna.Study], int] | None = None, **kwargs
             return params
 
     return _Sampler(**kwargs)
+
+
 def _load_fused_kernel() -> None:
     """BoTorch (>= 0.18) compiles a fused C++ kernel for qLogNEHVI the first time the acquisition is built, once
     per machine (cached under ~/.cache/torch_extensions): measured 20-45 s on 2 cores, paid inside whichever

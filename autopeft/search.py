@@ -242,6 +242,12 @@ class Study:
         return peft_param_count(spec, self.dims) + self.head_params
 
 
+def check_timeout(timeout: float | None) -> None:
+    """`--timeout` of `autopeft search` and of each `autopeft worker` it starts (which gets the same value)."""
+    if timeout is not None and timeout < 0:
+        raise UserError(f"--timeout must be >= 0 seconds, got {timeout:g}")
+
+
 def prepare(opts: SearchOptions) -> Study:
     """Validate everything, then create (or load, with --resume) the study. Nothing is written before the
     inputs are known good, so a bad command leaves no half-created study behind."""
@@ -254,6 +260,7 @@ def prepare(opts: SearchOptions) -> Study:
         raise UserError(f"--pack-size must be >= 1, got {opts.pack_size}")
     if opts.proposal_batch < 1:
         raise UserError(f"--proposal-batch must be >= 1, got {opts.proposal_batch}")
+    check_timeout(opts.timeout)
     space = SearchSpace.load(opts.space)
     task_data = opts.data.load(opts.task)
     resolve_backbone(opts.backbone)
@@ -389,8 +396,7 @@ def record_failure(prepared: Study, trial: optuna.Trial, spec: PeftSpec, exc: Tr
     """Why the trial failed, on the trial; an OOM also tells the sampler the configuration does not fit."""
     from autopeft.worker import record_infeasible
 
-    trial.set_user_attr(FAIL_REASON, exc.reason)
-    trial.set_user_attr("autopeft.fail_detail", exc.detail[:500])
+    set_user_attrs(trial, {FAIL_REASON: exc.reason, "autopeft.fail_detail": exc.detail[:500]})
     if exc.reason == "oom":
         if exc.memory_mb is not None:
             trial.set_user_attr("peak_memory_mb", exc.memory_mb)  # measured up to the failure

@@ -466,8 +466,9 @@ def worker_command(study: str, *, storage: str | None, tracking_uri: str | None 
     url = storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise UserError("autopeft worker needs --storage URL (or AUTOPEFT_STORAGE), the study's shared storage")
-    if timeout is not None and timeout < 0:
-        raise UserError(f"--timeout must be >= 0 seconds, got {timeout:g}")
+    from autopeft.search import check_timeout
+
+    check_timeout(timeout)
     run_worker(study, url, tracking_uri, out=out, device=device, grace=grace, timeout=timeout,
                echo=lambda line: print(line, flush=True))
 

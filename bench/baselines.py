@@ -100,12 +100,12 @@ def front_specs(storage: str, study: str, top: int, max_pct: float | None,
     return [(f"autopeft_trial{t.number}", t.user_attrs["spec"]) for t in chosen]
 
 
-def reused_rows(path: str, skip: set[str]) -> list[dict[str, Any]]:
-    """Rows of an earlier results file of this script (same fidelity: checked by the caller's notes), for the
-    baselines not rerun now; front rows of another study are never reused."""
+def reused_rows(path: str) -> list[dict[str, Any]]:
+    """The baseline rows of an earlier results file of this script, each marked with where it came from. The
+    caller must pass a file of the same fidelity (nothing here can check it; the notes name the file). Front rows
+    are never reused: they belong to that file's study."""
     rows = json.loads(Path(path).read_text())["rows"]
-    return [r | {"reused_from": Path(path).name} for r in rows if "seed" in r and r["name"] not in skip
-            and not r["name"].startswith("autopeft_")]
+    return [r | {"reused_from": Path(path).name} for r in rows if "seed" in r and not r["name"].startswith("autopeft_")]
 
 
 def mean_rows(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -176,7 +176,7 @@ def main() -> None:
     num_layers, hidden = config.num_hidden_layers, config.hidden_size
     jobs: list[tuple[str, Any]] = [(n, None) for n in HF_LR]
     jobs += [(n, ({"serial_adapter": {"size": hidden // 16, "position": pos}}, lr)) for n, (pos, lr) in OURS.items()]
-    reused = reused_rows(args.reuse, set()) if args.reuse else []
+    reused = reused_rows(args.reuse) if args.reuse else []
     if args.storage:
         budgets = {r["name"]: r["trainable_params"] for r in reused if r["name"].startswith("hf_")}
         front = front_specs(args.storage, args.study, args.front_top, args.front_max_pct, budgets)
