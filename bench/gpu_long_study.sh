@@ -22,6 +22,9 @@ python - "$runs/optuna.db" "$out/optuna-glue-sst2-long.db" <<'PY'
 import sqlite3, sys
 src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2]); src.backup(dst); dst.close()
 PY
+python bench/study_stats.py "$out/optuna-glue-sst2-long.db" --study glue-sst2-long --device "$(python -c \
+  'import sys; sys.path.insert(0, "bench"); from common import device_name; print(device_name())')" --out "$out" \
+  --notes "autopeft search --workers 4 --n-trials 200 (bench/gpu_long_study.sh)"
 python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study glue-sst2-long \
   --front-top 5 ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs 8 --out "$out" 2>&1 \
   | grep -v -i warn | tail -30

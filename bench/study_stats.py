@@ -1,0 +1,67 @@
+"""What a finished study measured about itself: trials complete and failed, and its wall clock from the first trial's
+start to the last trial's end, as Optuna stored them; trials per hour of that wall clock.
+
+The study's own timestamps are the measurement, so this can run anywhere after the fact (the GPU machine's study
+file is copied back): `--device` names the machine the study ran on, and the result is dated by the study's first
+trial, not by today.
+
+    python bench/study_stats.py bench/data/optuna-glue-sst2-long-h200-2026-11-29.db --study glue-sst2-long \\
+        --device h200 --notes "4 workers on one H200, bench/gpu_long_study.sh"
+
+Writes bench/results/study_<study>-<device>-<date>.json and prints the summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import optuna
+
+
+def stats(db: str, study_name: str) -> dict:
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{Path(db).resolve()}")
+    trials = study.get_trials(deepcopy=False)
+    start = min(t.datetime_start for t in trials if t.datetime_start)
+    end = max(t.datetime_complete for t in trials if t.datetime_complete)
+    wall = (end - start).total_seconds()
+    by_state = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    reasons: dict[str, int] = {}
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL:
+            why = str(t.user_attrs.get("autopeft.fail_reason", "unknown"))
+            reasons[why] = reasons.get(why, 0) + 1
+    return {"start": start.isoformat(), "end": end.isoformat(), "wall_s": round(wall, 1),
+            "trials": {k: v for k, v in by_state.items() if v}, "fail_reasons": reasons,
+            "complete_per_hour": round(by_state["complete"] / wall * 3600, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("db", help="the study's SQLite file (optuna.db)")
+    ap.add_argument("--study", required=True)
+    ap.add_argument("--device", required=True, help="the machine the study ran on, e.g. h200")
+    ap.add_argument("--notes", default="")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    row = stats(args.db, args.study)
+    date = row["start"][:10]
+    summary = {"wall_s": row["wall_s"], "complete": row["trials"].get("complete", 0),
+               "failed": row["trials"].get("fail", 0), "complete_per_hour": row["complete_per_hour"]}
+    record = {"bench": "study_stats", "device": args.device, "date": date, "versions": None,
+              "command": " ".join(sys.argv), "rows": [row], "summary": summary,
+              "notes": "from the study's own timestamps (first trial start to last trial end); versions: those of "
+                       "the machine that ran it, not of this reader. " + args.notes}
+    path = Path(args.out) / f"study_{args.study}-{args.device}-{date}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}\nsummary:")
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
