@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue "evidence", the 200-trial study (what bench/results/search_long-*.log and baselines-*.json came from):
+# Issue "evidence", the long GPU studies (what bench/results/search_long-*.log and baselines-*.json came from):
 #   1. `autopeft search --task glue/sst2 --n-trials 200 --workers 4` at the preset's GPU fidelity (packs of 8), MiniLM
 #      in bf16, four workers sharing one GPU (each pack is host-bound, so four keep the GPU busier than one);
 #   2. bench/baselines.py --front-only: that study's front points retrained at the final fidelity, 3 seeds, beside
@@ -7,24 +7,36 @@
 #      baselines are rerun too.
 # Usage (repo root, a CUDA machine, after ../shared/tools/gpu-carry):
 #   bash bench/gpu_long_study.sh OUTDIR [bench/results/baselines-....json]
+# Environment (defaults: the 2026-11-29 study): STUDY (glue-sst2-long), N_TRIALS (200), MAX_PARAMS (none; e.g. 1%
+# for a study constrained to the <= 1% region), TIMEOUT (none; seconds after which no trial starts), FRONT_TOP (5),
+# STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
 set -uo pipefail
 out=${1:?usage: bench/gpu_long_study.sh OUTDIR [REUSE.json]}
 reuse=${2:-}
+study=${STUDY:-glue-sst2-long}
+steps=${STEPS:-search front}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false AUTOPEFT_DATA_DIR=$PWD/.carry/data PYTHONUNBUFFERED=1
 backbone=$PWD/.carry/minilm-bf16
 runs=${RUNS:-/tmp/autopeft-gpu-long}
-resume=(); [ -f "$runs/optuna.db" ] && resume=(--resume)
-autopeft search --task glue/sst2 --backbone "$backbone" --out "$runs" --no-tracking --study glue-sst2-long \
-  --n-trials 200 --workers 4 "${resume[@]}" 2>&1 | grep -v -i warn >>"$out/search_long.log"
-python - "$runs/optuna.db" "$out/optuna-glue-sst2-long.db" <<'PY'
+if [[ " $steps " == *" search "* ]]; then
+  extra=()
+  [ -f "$runs/optuna.db" ] && extra+=(--resume)
+  [ -n "${MAX_PARAMS:-}" ] && extra+=(--max-params "$MAX_PARAMS")
+  [ -n "${TIMEOUT:-}" ] && extra+=(--timeout "$TIMEOUT")
+  autopeft search --task glue/sst2 --backbone "$backbone" --out "$runs" --no-tracking --study "$study" \
+    --n-trials "${N_TRIALS:-200}" --workers 4 "${extra[@]}" 2>&1 | grep -v -i warn >>"$out/search_$study.log"
+  python - "$runs/optuna.db" "$out/optuna-$study.db" <<'PY'
 import sqlite3, sys
 src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2]); src.backup(dst); dst.close()
 PY
-python bench/study_stats.py "$out/optuna-glue-sst2-long.db" --study glue-sst2-long --device "$(python -c \
-  'import sys; sys.path.insert(0, "bench"); from common import device_name; print(device_name())')" --out "$out" \
-  --notes "autopeft search --workers 4 --n-trials 200 (bench/gpu_long_study.sh)"
-python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study glue-sst2-long \
-  --front-top 5 ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs 8 --out "$out" 2>&1 \
-  | grep -v -i warn | tail -30
+  python bench/study_stats.py "$out/optuna-$study.db" --study "$study" --device "$(python -c \
+    'import sys; sys.path.insert(0, "bench"); from common import device_name; print(device_name())')" --out "$out" \
+    --notes "autopeft search --workers 4 --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }(bench/gpu_long_study.sh)"
+fi
+if [[ " $steps " == *" front "* ]]; then
+  python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study "$study" \
+    --front-top "${FRONT_TOP:-5}" ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs 8 --out "$out" 2>&1 \
+    | grep -v -i warn | tail -40
+fi
