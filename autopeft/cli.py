@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from autopeft.errors import UserError
 
+#: `--cuda-graphs` values (autopeft.cuda_graphs.MODES; not imported here, so `--help` needs no torch)
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 EPILOG = "Exit codes: 0 done, 2 bad input, 1 anything else. Docs: README.md"
 
 
@@ -32,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="Triton kernels: on, off (PyTorch reference), auto = the faster per op as measured")
+    t.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES,
+                   help="the training step as a CUDA graph: auto (default: on CUDA where the model captures), "
+                        "on, off; overrides the config's fidelity.cuda_graphs")
     t.add_argument("--json", action="store_true", help="print only the metrics as JSON")
 
     s = sub.add_parser("search", help="search PEFT configurations for a task (multi-objective Bayesian optimisation)")
@@ -69,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     fid.add_argument("--max-length", type=int, help="tokens per example")
     fid.add_argument("--batch-size", type=int)
     fid.add_argument("--lr", type=float, help="one learning rate for every method (default: per-method)")
+    fid.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES,
+                     help="each trial's training step as a CUDA graph: auto (on CUDA where the model captures, "
+                          "else eager), on (a capture failure fails the trial), off")
     _data_flags(s)
 
     f = sub.add_parser("front", help="print the Pareto front of a study")
@@ -136,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             train_command(args.config, fidelity=args.fidelity, output=args.output, data_dir=args.data_dir,
                           backbone=args.backbone, device=args.device, kernel_mode=args.kernels, force=args.force,
-                          as_json=args.json)
+                          as_json=args.json, cuda_graphs=args.cuda_graphs)
         elif args.verb == "search":
             from autopeft.search import search_command
 

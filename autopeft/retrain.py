@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from autopeft.config import trial_config_from_dict, trial_config_to_dict
+from autopeft.cuda_graphs import use_cuda_graphs
 from autopeft.errors import UserError
 from autopeft.report import metrics_table
 from autopeft.spec import Metrics
-from autopeft.train import TrialConfig, run_trial
+from autopeft.train import TrialConfig, pick_device, run_trial
 from autopeft.yamlio import load_yaml
 
 
@@ -32,7 +33,10 @@ def check_output_dir(output: str | Path | None, force: bool = False) -> None:
         raise UserError(f"output directory {out} exists and is not empty; choose a new one or pass --force")
 
 
-def _override(cfg: TrialConfig, data_dir: str | None, backbone: str | None) -> TrialConfig:
+def _override(cfg: TrialConfig, data_dir: str | None, backbone: str | None,
+              cuda_graphs: str | None = None) -> TrialConfig:
+    if cuda_graphs:
+        cfg = dataclasses.replace(cfg, fidelity=dataclasses.replace(cfg.fidelity, cuda_graphs=cuda_graphs))
     if data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
     if backbone:
@@ -51,11 +55,14 @@ def export_config(raw: Mapping[str, Any], search_cfg: TrialConfig, spec: Any) ->
 
 def train_command(config: str, *, fidelity: str = "search", output: str | None = None, data_dir: str | None = None,
                   backbone: str | None = None, device: str | None = None, kernel_mode: str = "auto",
-                  force: bool = False, as_json: bool = False) -> Metrics:
+                  force: bool = False, as_json: bool = False, cuda_graphs: str | None = None) -> Metrics:
     raw = load_yaml(config, "config")
-    cfg = _override(trial_config_from_dict(raw, fidelity=fidelity, source=str(config)), data_dir, backbone)
-    search_cfg = _override(trial_config_from_dict(raw, fidelity="search", source=str(config)), data_dir, backbone)
+    cfg = _override(trial_config_from_dict(raw, fidelity=fidelity, source=str(config)), data_dir, backbone,
+                    cuda_graphs)
+    search_cfg = _override(trial_config_from_dict(raw, fidelity="search", source=str(config)), data_dir, backbone,
+                           cuda_graphs)
     check_output_dir(output, force)
+    use_cuda_graphs(cfg.fidelity.cuda_graphs, pick_device(device))  # "on" without CUDA: exit 2 before training
     result = run_trial(cfg, device=device, kernel_mode=kernel_mode, progress=not as_json)
     m = result.metrics
     report = None

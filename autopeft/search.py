@@ -24,11 +24,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autopeft.cuda_graphs import use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
 from autopeft.models import load_backbone, resolve_backbone
 from autopeft.peft import ModelDims, head_param_count, peft_param_count
 from autopeft.spec import Fidelity, Metrics, PeftSpec
-from autopeft.train import DataOptions, TrialConfig, run_trial
+from autopeft.train import DataOptions, TrialConfig, pick_device, run_trial
 from autopeft.yamlio import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,6 +262,7 @@ def prepare(opts: SearchOptions) -> Study:
     if opts.proposal_batch < 1:
         raise UserError(f"--proposal-batch must be >= 1, got {opts.proposal_batch}")
     check_timeout(opts.timeout)
+    use_cuda_graphs(opts.fidelity.cuda_graphs, pick_device(opts.device))  # "on" needs CUDA: exit 2 up front
     space = SearchSpace.load(opts.space)
     task_data = opts.data.load(opts.task)
     resolve_backbone(opts.backbone)

@@ -307,8 +307,17 @@ class Fidelity:
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
     seed: int = 0
+    #: the training step as a CUDA graph (autopeft.cuda_graphs): "auto" (on CUDA where the model captures,
+    #: eager elsewhere), "on" (CUDA only; a capture failure fails the trial) or "off". An execution choice, not
+    #: a different training: it changes speed, not what is learnt (padding to bucket lengths is masked out)
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        mode = self.cuda_graphs
+        if isinstance(mode, bool):  # YAML 1.1 reads a bare `on` / `off` as a boolean
+            object.__setattr__(self, "cuda_graphs", "on" if mode else "off")
+        elif mode not in ("auto", "on", "off"):
+            raise UserError(f"fidelity.cuda_graphs must be auto, on or off, got {mode!r}")
         if self.train_examples is not None and self.train_examples <= 0:
             raise UserError(f"fidelity.train_examples must be > 0 (or null for all), got {self.train_examples}")
         for name in ("epochs", "max_length", "batch_size", "eval_batch_size"):

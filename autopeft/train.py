@@ -12,6 +12,7 @@ import contextvars
 import copy
 import ctypes
 import functools
+import logging
 import math
 import os
 import random
@@ -27,11 +28,14 @@ import torch
 from torch import nn
 
 from autopeft import kernels
+from autopeft.cuda_graphs import GraphedStep, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed
 from autopeft.models import load_backbone, resolve_backbone
 from autopeft.peft import inject
 from autopeft.spec import Fidelity, Metrics, PeftSpec
 from autopeft.tasks import Split, TaskData, compute_metrics, holdout_split, load_task, resolve_data_dir
+
+_log = logging.getLogger("autopeft.train")
 
 #: learning rates that work for each method with AdamW at these model sizes; a fidelity's `lr` overrides all
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "serial": 1e-3, "parallel": 1e-3, "prefix": 1e-2, "ia3": 3e-3,
@@ -149,8 +153,11 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random
     return batches
 
 
-def collate(ids: list[list[int]], idx: Sequence[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(ids[i]) for i in idx)
+def collate(ids: list[list[int]], idx: Sequence[int], pad_id: int, device: torch.device,
+            width: int | None = None) -> dict[str, torch.Tensor]:
+    """The batch `idx` padded to its longest example, or to `width` (a CUDA graph's bucket length): padded
+    positions have attention mask 0, so a classifier's per-example loss is the same either way."""
+    width = max(width or 0, max(len(ids[i]) for i in idx))
     input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
     for row, i in enumerate(idx):
@@ -246,6 +253,65 @@ def _memory_at_failure(device: torch.device, mem: PeakMemory | None) -> float | 
         return mem.peak_mb if mem is not None else None
     except Exception:
         return None
+
+
+class LaggedLoss:
+    """Each step's loss, handed back one step late: reading a CUDA loss right away would make the host wait for
+    the whole step it just launched, every step, and a launch-bound step (all the more a graphed one) would
+    lose the overlap of the next step's host work with this step's GPU work.
+
+    On CUDA the loss is copied into pinned host memory without blocking, behind an event; `push` of step n
+    returns step n-1's value, waiting only for that step's loss. On CPU values are ready at once (same order).
+    A NaN is so caught one step after it happens, with its own step number.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._host = torch.empty(2, dtype=torch.float32, pin_memory=self._cuda)
+        self._slot = 0
+        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, step: int, loss: torch.Tensor) -> tuple[int, float] | None:
+        """Queue `step`'s loss; return (step, value) of the one queued before, if any."""
+        done = self.pop()
+        if not self._cuda:
+            self._pending = (step, loss.detach(), None)
+            return done
+        buf = self._host[self._slot:self._slot + 1]  # two slots: one being read while the other is written
+        self._slot ^= 1
+        buf.copy_(loss.detach().float().reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (step, buf, event)
+        return done
+
+    def pop(self) -> tuple[int, float] | None:
+        """(step, value) of the queued loss, waiting for it if need be; None when nothing is queued."""
+        if self._pending is None:
+            return None
+        step, value, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return step, float(value)
+
+
+_GRAPH_WARNINGS: set[str] = set()
+
+
+def _graphs_failed(model: nn.Module, failure: str, mode: str, label: str) -> None:
+    """A capture failed (`GraphedStep.failure`): fatal under "on", else one warning per reason and process,
+    and the trial goes on eagerly (its `Metrics.extra["cuda_graphs"]` says 0)."""
+    from autopeft.peft.linear import PeftLinear
+
+    for m in model.modules():  # a capture stopped half-way through a layer may leave shared outputs kept
+        if isinstance(m, PeftLinear) and m.lora_group is not None:
+            m.lora_group.clear()
+    if mode == "on":
+        raise TrialFailed("cuda_graphs", f"CUDA graph capture failed ({failure}); use --cuda-graphs auto or off")
+    if failure not in _GRAPH_WARNINGS:
+        _GRAPH_WARNINGS.add(failure)
+        _log.warning("CUDA graph capture failed for %s, training eagerly instead: %s", label or "a trial", failure)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -404,20 +470,47 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
     steps_per_epoch = math.ceil(len(train_ids) / fid.batch_size)
     total_steps = fid.max_steps or max(1, math.ceil(steps_per_epoch * fid.epochs))
     warmup = int(total_steps * fid.warmup_ratio)
-    optimizer = torch.optim.AdamW(_param_groups(model, fid), weight_decay=fid.weight_decay)
+    graphs = use_cuda_graphs(fid.cuda_graphs, dev)  # "on" off CUDA: a UserError before anything trains
+    # fused AdamW on CUDA: one launch for all parameters instead of a foreach chain (steps are launch-bound)
+    optimizer = torch.optim.AdamW(_param_groups(model, fid), weight_decay=fid.weight_decay,
+                                  fused=True if dev.type == "cuda" else None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
                                                  else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     labels = torch.tensor(train_split.label, dtype=torch.float32 if task.is_regression else torch.long)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    # no cast cache under graphs: a cached bf16 copy of a trainable weight would be baked into the graph
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs) if dev.type == "cuda"
+                else _null())
     trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss
 
     model.train()
     fault = injected_fault()
+    graphed = GraphedStep(forward_backward, trainable) if graphs and trainable else None
     mem: PeakMemory | None = None
     losses: list[float] = []
+    reader = LaggedLoss(dev)
     tokens = 0
     step = 0
     bar = _progress(total_steps, f"train {label[:40]}", progress)
+
+    def settle(done: tuple[int, float] | None) -> None:
+        """Record a step's loss once its value is on the host (one step late: see LaggedLoss)."""
+        if done is None:
+            return
+        at, value = done
+        if not math.isfinite(value):
+            raise TrialFailed("nan", f"loss became {value} at step {at}")
+        losses.append(value)
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        if on_step:
+            on_step(at + 1, value)
+
     try:
         with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
@@ -425,29 +518,32 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
                 for idx in length_bucketed_batches([len(x) for x in train_ids], fid.batch_size, rng):
                     if step >= total_steps:
                         break
-                    batch = collate(train_ids, idx, pad_id, dev)
-                    with autocast:
-                        loss = model(**batch, labels=labels[idx].to(dev)).loss
+                    width = bucket_length(max(len(train_ids[i]) for i in idx), fid.max_length) if graphed else None
+                    batch = collate(train_ids, idx, pad_id, dev, width=width)
+                    batch["labels"] = labels[idx].to(dev)
+                    if graphed is not None and graphed.active and len(idx) == fid.batch_size:
+                        loss = graphed(batch)  # a new shape: warm-up step + capture; else one replay
+                        if graphed.failure is not None:
+                            _graphs_failed(model, graphed.failure, fid.cuda_graphs, label)
+                    else:  # CPU, graphs off, or a batch of another size (the last, partial one)
+                        loss = forward_backward(batch)
                     if fault == "oom":  # a simulated allocator failure, exactly where a real one would surface
                         raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {FAULT_ENV})")
                     if fault == "nan":
                         loss = loss * float("nan")
-                    if not torch.isfinite(loss):
-                        raise TrialFailed("nan", f"loss became {loss.item()} at step {step}")
-                    loss.backward()
+                    settle(reader.push(step, loss))  # the previous step's loss, read without waiting for this one
                     if fid.grad_clip:
                         torch.nn.utils.clip_grad_norm_(trainable, fid.grad_clip)
                     optimizer.step()
                     schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    tokens += int(batch["attention_mask"].sum())
-                    losses.append(float(loss.detach()))
+                    if graphed is not None:
+                        graphed.zero_grad()  # in place: the graphs accumulate into these very tensors
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                    tokens += sum(len(train_ids[i]) for i in idx)  # real tokens, not padding (and no sync)
                     step += 1
                     bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-                    if on_step:
-                        on_step(step, losses[-1])
+            settle(reader.pop())
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             train_s = time.perf_counter() - t0
@@ -455,6 +551,9 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
         raise TrialFailed("oom", str(exc).splitlines()[0], memory_mb=_memory_at_failure(dev, mem)) from None
     finally:
         bar.close()
+        if graphed is not None:  # the graphs' pool and the static gradients are not needed by evaluation
+            graphed.release()
+            optimizer.zero_grad(set_to_none=True)
 
     t1 = time.perf_counter()
     sel_ids = tokenize(tokenizer, select_split, fid.max_length, (*cache_tag, select, fid.seed, heldout_fraction))
@@ -464,6 +563,9 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
         dev_ids = tokenize(tokenizer, task.dev, fid.max_length, (*cache_tag, "dev"))
         dev_metric = evaluate(model, dev_ids, task.dev.label, task, fid.eval_batch_size, pad_id, dev)[task.metric_name]
     eval_s = time.perf_counter() - t1
+    # on CUDA, whether the step ran as CUDA graphs (1) or eagerly (0: off, or a capture failed under auto)
+    used = graphed is not None and graphed.active and graphed.captures > 0
+    graph_flag = {"cuda_graphs": float(used)} if dev.type == "cuda" else {}
     main = scores[task.metric_name]
     if not math.isfinite(main):
         raise TrialFailed("nan", f"{task.metric_name} is {main}")
@@ -472,5 +574,5 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
         backbone_params=backbone_params, peak_memory_mb=mem.peak_mb, train_seconds=train_s,
         eval_seconds=eval_s, tokens_per_s=tokens / train_s if train_s > 0 else 0.0,
         train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), steps=step,
-        extra={k: v for k, v in scores.items() if k != task.metric_name}, dev_metric=dev_metric)
+        extra={k: v for k, v in scores.items() if k != task.metric_name} | graph_flag, dev_metric=dev_metric)
     return metrics, losses

@@ -14,10 +14,18 @@ mode="reduce-overhead" (inductor plus CUDA graphs of the forward and the backwar
 outside), compared with `floor_cudagraphs`. Each row's `first_step_s` is the first step's wall time, i.e.
 the compile time for a compiled arm.
 
+`*_graphed` arms are the trainer's own CUDA graphs without torch.compile (`autopeft.cuda_graphs.GraphedStep`:
+forward + loss + backward captured by hand on the first step, replayed after; fused AdamW outside the graph),
+what a search can afford per trial: their `first_step_s` is warm-up + capture, not minutes of compilation.
+They are compared with the eager floor and with `floor_graphed` (the floor captured the same way). Replays
+allocate nothing, so a graphed arm's `peak_mem_mb` is measured from before its first step (the capture's
+allocations are the step's memory); `peak_incl_first_mb` is that figure for every arm, for the comparison.
+
     python bench/kernels.py                 # GPU: both models, all methods but CUDA graphs (~20 min on an H100)
     python bench/kernels.py --quick         # a few iterations each: a smoke test on the GPU
     python bench/kernels.py --no-compile    # skip every compiled arm (each costs ~1 min of compilation)
     python bench/kernels.py --cudagraphs    # add the reduce-overhead arms (named in --only, they run anyway)
+    python bench/kernels.py --only ours_lora8_all_graphed,ours_lora8_all   # our CUDA graphs (+ both floors)
     python bench/kernels.py --tiny --quick  # tiny configs on CPU (kernels off): exercises the script only
 
 Writes bench/results/kernels-<device>-<date>.json and prints the summary last. A config that fails (out of
@@ -151,6 +159,15 @@ def compile_mode(name: str) -> str | None:
     return next((suffix for suffix in COMPILE_MODES if name.endswith(suffix)), None)
 
 
+#: name suffix of the arms run through the trainer's hand-captured CUDA graphs (no torch.compile)
+GRAPHED = "_graphed"
+
+
+def run_mode(name: str) -> str | None:
+    """How the arm's step runs, as its name suffix: a compile suffix, GRAPHED, or None (eager)."""
+    return compile_mode(name) or (GRAPHED if name.endswith(GRAPHED) else None)
+
+
 #: set to "aot_eager" on the CPU: the smoke run checks the script, not inductor's minute of C++ codegen per arm
 SMOKE_BACKEND: str | None = None
 
@@ -187,6 +204,8 @@ OUR_SPECS = {
 }
 #: our configs that also get a torch.compile arm (the ones the issue sets targets for)
 COMPILED_SPECS = ("lora8_qv", "lora8_all", "serial64", "ia3")
+#: our configs that also get a `_graphed` arm (autopeft.cuda_graphs.GraphedStep)
+GRAPHED_SPECS = ("lora8_all", "serial64", "ia3")
 
 
 def methods() -> list[tuple[str, Callable, str | None]]:
@@ -212,6 +231,9 @@ def methods() -> list[tuple[str, Callable, str | None]]:
         out.append((f"ours_{key}_compile", _compiled(_ours(OUR_SPECS[key])), "auto"))
     out += [("hf_lora8_all_cudagraphs", _compiled(_hf_lora(8, "all"), cg), None),
             ("ours_lora8_all_cudagraphs", _compiled(_ours(OUR_SPECS["lora8_all"]), cg), "auto")]
+    # the trainer's CUDA graphs (no compile): the models are the eager arms' own, only the step differs
+    out += [("floor_graphed", _floor, None), ("hf_lora8_all_graphed", _hf_lora(8, "all"), None)]
+    out += [(f"ours_{key}_graphed", _ours(OUR_SPECS[key]), "auto") for key in GRAPHED_SPECS]
     return out
 
 
@@ -226,11 +248,14 @@ def _free(device: torch.device) -> None:
 
 
 def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtype: torch.dtype,
-                   cudagraphs: bool = False) -> tuple[Callable[[], None], int]:
+                   cudagraphs: bool = False, graphed: bool = False) -> tuple[Callable[[], None], int]:
     """A closure doing one full step (zero grads, forward, backward, AdamW), and the trainable count.
 
     With `cudagraphs` each step first tells the CUDA-graph trees that a new iteration begins: the previous
-    step's graph outputs (loss, gradients, all consumed by then) may be overwritten by this step's replay."""
+    step's graph outputs (loss, gradients, all consumed by then) may be overwritten by this step's replay.
+    With `graphed` forward + loss + backward run through `autopeft.cuda_graphs.GraphedStep` (captured on the
+    first call), as the trainer runs them; the closure's `graphed` attribute is that step (None otherwise), so
+    a caller can see whether the capture held."""
     model, embeds = make(build_model(setup, device, dtype), setup)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one launch for all parameters, the fair choice for every method alike
@@ -255,7 +280,30 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
         if opt is not None:
             opt.step()
 
-    return step, sum(p.numel() for p in params)
+    step.graphed = None
+    if not graphed:
+        return step, sum(p.numel() for p in params)
+    from autopeft.cuda_graphs import GraphedStep
+
+    # the floor has no parameters: its gradient goes to the embeddings, a leaf the graph reads where it lies
+    fixed = inputs if embeds else {}
+    batch = {"labels": labels} if embeds else {**inputs, "labels": labels}
+
+    def forward_backward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = model(**fixed, **b).loss
+        loss.backward()
+        return loss
+
+    g = GraphedStep(forward_backward, params or [inputs["inputs_embeds"]])
+
+    def graphed_step() -> None:
+        g(batch)  # copies the batch into the graph's buffers, replays (the first call: warm-up + capture)
+        if opt is not None:
+            opt.step()
+        g.zero_grad()
+
+    graphed_step.graphed = g
+    return graphed_step, sum(p.numel() for p in params)
 
 
 def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, device: torch.device,
@@ -264,7 +312,8 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
 
     row: dict[str, Any] = {"model": setup.name, "method": name, "kernels": mode, "step_ms": None,
                            "ratio_to_floor": None, "tokens_per_s": None, "peak_mem_mb": None,
-                           "trainable_params": None, "first_step_s": None, "ratio_to_compiled_floor": None,
+                           "peak_incl_first_mb": None, "trainable_params": None, "first_step_s": None,
+                           "ratio_to_compiled_floor": None, "ratio_to_graphed_floor": None, "captures": None,
                            "error": None}
     if mode == "on" and device.type != "cuda":
         row["error"] = "skipped: the Triton kernels need a CUDA device (kernels are off on CPU)"
@@ -272,20 +321,36 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
     step = None
     try:
         kernels.set_kernels(mode or "off")
+        graphed = run_mode(name) == GRAPHED
+        if graphed and device.type != "cuda":
+            row["error"] = "skipped: CUDA graphs need a CUDA device"
+            return row
         step, row["trainable_params"] = _training_step(setup, make, device, dtype,
-                                                       cudagraphs=compile_mode(name) == "_cudagraphs")
-        t0 = time.perf_counter()
-        step()  # first call: compilation, autotuning, allocator growth; not in the peak below
+                                                       cudagraphs=compile_mode(name) == "_cudagraphs", graphed=graphed)
         if device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()  # first call: compilation, autotuning, capture, allocator growth; not in the eager peak below
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            row["peak_incl_first_mb"] = torch.cuda.max_memory_allocated() / 2**20
         row["first_step_s"] = time.perf_counter() - t0
+        if step.graphed is not None:
+            row["captures"] = step.graphed.captures
+            if step.graphed.failure:
+                row["error"] = f"capture failed: {step.graphed.failure}"[:500]
+                return row
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ms = time_cuda(step, warmup=warmup, iters=iters)
         row["step_ms"] = ms
         row["tokens_per_s"] = setup.batch * setup.seq / (ms / 1e3)
         if device.type == "cuda":
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            row["peak_incl_first_mb"] = max(row["peak_incl_first_mb"], peak)
+            # a replay allocates nothing: a graphed step's memory is what its capture allocated
+            row["peak_mem_mb"] = row["peak_incl_first_mb"] if graphed else peak
     except Absent as e:
         row["error"] = f"absent: {e}"
     except Exception as e:  # one failing config must not lose the others' numbers
@@ -313,6 +378,10 @@ def summarize(rows: list[dict]) -> dict[str, float]:
         if r["step_ms"] and cfloor:
             r["ratio_to_compiled_floor"] = r["step_ms"] / cfloor
             summary[f"{r['method']}_ratio_compiled_floor_{r['model']}"] = r["ratio_to_compiled_floor"]
+        gfloor = by.get((r["model"], f"floor{GRAPHED}"), {}).get("step_ms")
+        if run_mode(r["method"]) == GRAPHED and r["step_ms"] and gfloor:
+            r["ratio_to_graphed_floor"] = r["step_ms"] / gfloor
+            summary[f"{r['method']}_ratio_graphed_floor_{r['model']}"] = r["ratio_to_graphed_floor"]
     for model in sorted({r["model"] for r in rows}):
         for key in OUR_SPECS:
             ours = by.get((model, f"ours_{key}"), {}).get("step_ms")
@@ -351,6 +420,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
             ours_c = by.get((model, f"ours_lora8_all{suffix}"), {}).get("step_ms")
             if hf_c and ours_c:
                 summary[f"{name}_{mode}_lora_r8_all_vs_hf_peft_{mode}_speedup"] = hf_c / ours_c
+        _graphed_summary(summary, by, model, name)
         for key, method in (("hf_peft_compile_lora_r8_all_ms", "hf_lora8_all_compile"),
                             ("lora_r8_all_ms", "ours_lora8_all"), ("compile_lora_r8_all_ms", "ours_lora8_all_compile"),
                             ("floor_ms", "floor"), ("compiled_floor_ms", "floor_compile"),
@@ -362,10 +432,38 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     return summary
 
 
+def _graphed_summary(summary: dict[str, float], by: dict[tuple[str, str], dict], model: str, name: str) -> None:
+    """The `_graphed` arms' keys, e.g. roberta_large_graphed_lora_r8_all_x_floor (over the eager floor),
+    ..._x_graphed_floor (over floor_graphed), ..._peak_x_eager (peak memory, capture included, over the eager
+    arm's from its first step on), roberta_large_hf_peft_graphed_lora_r8_all_x_floor."""
+    def get(method: str, field: str) -> float | None:
+        return by.get((model, method), {}).get(field)
+
+    for key, method in (("lora_r8_all", "ours_lora8_all"), ("hf_peft_lora_r8_all", "hf_lora8_all"),
+                        ("adapter64", "ours_serial64"), ("ia3", "ours_ia3"), ("floor", "floor")):
+        label = "hf_peft_graphed_lora_r8_all" if key.startswith("hf_") else f"graphed_{key}"
+        arm = f"{method}{GRAPHED}"
+        if get(arm, "ratio_to_floor") is not None:
+            summary[f"{name}_{label}_x_floor"] = get(arm, "ratio_to_floor")
+        if get(arm, "ratio_to_graphed_floor") is not None and key != "floor":
+            summary[f"{name}_{label}_x_graphed_floor"] = get(arm, "ratio_to_graphed_floor")
+        if get(arm, "step_ms") and get(method, "step_ms"):
+            summary[f"{name}_{label}_speedup_vs_eager"] = get(method, "step_ms") / get(arm, "step_ms")
+        if get(arm, "step_ms") and get(arm, "peak_mem_mb") and get(method, "peak_incl_first_mb"):
+            summary[f"{name}_{label}_peak_x_eager"] = get(arm, "peak_mem_mb") / get(method, "peak_incl_first_mb")
+        if get(arm, "step_ms"):
+            summary[f"{name}_{label}_ms"] = get(arm, "step_ms")
+            summary[f"{name}_{label}_capture_s"] = get(arm, "first_step_s")
+    hf, ours = get(f"hf_lora8_all{GRAPHED}", "step_ms"), get(f"ours_lora8_all{GRAPHED}", "step_ms")
+    if hf and ours:
+        summary[f"{name}_graphed_lora_r8_all_vs_hf_peft_graphed_speedup"] = hf / ours
+
+
 def selected(all_methods: list[tuple[str, Callable, str | None]], chosen: set[str], no_compile: bool,
              cudagraphs: bool) -> list[tuple[str, Callable, str | None]]:
     """The arms to run: `chosen` (all when empty) less what the flags leave out, plus the floor every ratio
-    needs (eager always, and the one compiled the same way as any compiled arm that runs)."""
+    needs (eager always, and the one compiled or graphed the same way as any such arm that runs). The
+    `_graphed` arms compile nothing, so --no-compile keeps them."""
     keep = []
     for name, make, mode in all_methods:
         suffix = compile_mode(name)
@@ -375,7 +473,7 @@ def selected(all_methods: list[tuple[str, Callable, str | None]], chosen: set[st
             continue
         keep.append((name, make, mode))
     names = {n for n, _, _ in keep}
-    names |= {f"floor{compile_mode(n)}" for n in names if compile_mode(n)}
+    names |= {f"floor{run_mode(n)}" for n in names if run_mode(n)}
     return [m for m in all_methods if m[0] in names]
 
 
@@ -386,7 +484,9 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="same as --tiny --quick on the CPU")
     ap.add_argument("--models", default="roberta,llama", help="comma-separated subset of roberta,llama")
     ap.add_argument("--only", default="", help="comma-separated method names to run (floor is always run, and "
-                                               "floor_compile or floor_cudagraphs with any arm compiled that way)")
+                                               "floor_compile, floor_cudagraphs or floor_graphed with any arm run "
+                                               "that way); graphed arms: floor_graphed, hf_lora8_all_graphed, "
+                                               + ", ".join(f"ours_{k}_graphed" for k in GRAPHED_SPECS))
     ap.add_argument("--only-llama", default="", help="like --only, for the Llama model alone (time on a lease)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile arms (*_compile, *_cudagraphs)")
     ap.add_argument("--cudagraphs", action="store_true",
@@ -428,7 +528,10 @@ def save(rows: list[dict], args: argparse.Namespace, device: torch.device, dtype
                         f"floor = frozen backbone with grad to inputs_embeds; device {device_name(device)}; "
                         f"ours_* = the trainer's default (kernels auto), ours_triton_* = every Triton kernel on; "
                         f"*_compile = torch.compile(model) (default mode), *_cudagraphs = mode reduce-overhead, "
-                        f"ratio_to_compiled_floor = over the floor compiled the same way"
+                        f"ratio_to_compiled_floor = over the floor compiled the same way; *_graphed = "
+                        f"autopeft.cuda_graphs.GraphedStep (hand-captured fwd+loss+bwd, no compile), "
+                        f"ratio_to_graphed_floor = over floor_graphed, peak_mem_mb of a graphed arm includes "
+                        f"its capture"
                         + (f"; compiled arms on backend {SMOKE_BACKEND} (smoke run)" if SMOKE_BACKEND else ""))
 
 

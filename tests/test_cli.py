@@ -100,6 +100,8 @@ BAD = {
     "layer beyond depth": ({"spec": {"lora": {"rank": {"q": {9: 4}}}}}, "beyond the model's depth"),
     "unknown backbone": ({"backbone": "no-such-org/no-such-model"}, "unknown backbone"),
     "missing spec": ({"spec": None}, "missing 'spec'"),
+    "bad cuda_graphs": ({"fidelity": {"max_steps": 3, "cuda_graphs": "sometimes"}},
+                        "fidelity.cuda_graphs must be auto, on or off"),
 }
 
 
@@ -111,6 +113,23 @@ def test_bad_config_is_one_clear_line_exit_2(case: str, tmp_path: Path, tiny_bac
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("autopeft: error:") and needle in err, err
+
+
+def test_cuda_graphs_flag(tmp_path: Path, tiny_backbone_dir: Path, toy_files, capsys) -> None:
+    """--cuda-graphs overrides the config's fidelity.cuda_graphs; "on" without CUDA is one line, exit 2, before
+    anything trains; YAML's bare `off` (a boolean to YAML) is read as "off"."""
+    config = write_config(tmp_path / "c.yaml", tiny_backbone_dir, toy_files)
+    assert main(["train", "--config", str(config), "--device", "cpu", "--cuda-graphs", "on"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cuda-graphs on needs a CUDA device" in err, err
+    with pytest.raises(SystemExit) as bad:
+        main(["train", "--config", str(config), "--cuda-graphs", "sometimes"])
+    assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    off = tmp_path / "off.yaml"
+    off.write_text(config.read_text().replace("max_steps: 3", "max_steps: 3\n  cuda_graphs: off"))
+    assert yaml.safe_load(off.read_text())["fidelity"]["cuda_graphs"] is False
+    assert main(["train", "--config", str(off), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
 
 
 def test_bad_data_is_one_clear_line_exit_2(tmp_path: Path, tiny_backbone_dir: Path, toy_files, capsys) -> None:

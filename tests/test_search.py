@@ -150,6 +150,7 @@ def test_front_command_json(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOp
     (["--pack-size", "0"], "--pack-size"),
     (["--proposal-batch", "0"], "--proposal-batch"),
     (["--timeout", "-5"], "--timeout"),
+    (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device"),
 ])
 def test_bad_search_input_exit_2_nothing_created(flags: list[str], needle: str, tmp_path: Path,
                                                  tiny_backbone_dir: Path, toy: DataOptions, capsys) -> None:
