@@ -4,6 +4,7 @@ replay, exactness against eager, fallback and memory on a CUDA GPU."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -136,15 +137,22 @@ def _batches(sizes: list[tuple[int, int]], seed: int = 0) -> list[dict[str, torc
     return out
 
 
+def _forward_backward(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The step a GraphedStep wraps: the batch's loss, back-propagated into the trainables' .grad."""
+    def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = model(**batch).loss
+        loss.backward()
+        return loss
+
+    return forward_backward
+
+
 def _train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], graphed: bool
            ) -> tuple[list[float], GraphedStep | None]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
 
-    def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = model(**batch).loss
-        loss.backward()
-        return loss
+    forward_backward = _forward_backward(model)
 
     step = GraphedStep(forward_backward, params) if graphed else None
     losses = []
@@ -190,10 +198,7 @@ def test_a_new_shape_is_captured_once_then_replayed() -> None:
     model = _model(SPECS["lora_all"])
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = model(**batch).loss
-        loss.backward()
-        return loss
+    forward_backward = _forward_backward(model)
 
     step = GraphedStep(forward_backward, params)
     grads = [p.grad for p in params]
@@ -248,10 +253,7 @@ def test_a_capture_that_syncs_falls_back_to_eager() -> None:
     model.classifier.register_forward_hook(lambda m, a, out: out + 0 * out.sum().item())
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = model(**batch).loss
-        loss.backward()
-        return loss
+    forward_backward = _forward_backward(model)
 
     step = GraphedStep(forward_backward, params)
     batch = _batches([(4, 32)])[0]
