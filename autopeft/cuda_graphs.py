@@ -30,15 +30,13 @@ The rules a captured step lives by (`GraphedStep` keeps them):
 * A capture that fails (an op that syncs with the host, an unsupported op) leaves the step eager from then on:
   `failure` says why, and the caller decides whether that is fatal ("on") or a warning ("auto").
 
-Not used by trial packing (autopeft/packing.py) yet, whose step breaks these rules in four places: the NaN
-check reads every trial's loss on the host *between* forward and backward and back-propagates only the finite
-ones; the stacked parameters hand their gradient out in a Python post-accumulate hook (`_Stack._hand_out`)
-that sets `leaf.grad = None` and assigns views to the trials' `.grad`, which a replay would not redo;
-`PackState.layout` builds its chunk index tensor from a Python list inside the forward (a host-to-device copy
-a capture cannot hold), and `_Stack.used` records in the forward which slots take part; and the pack's shape
-changes as trials leave it (`release` re-points their parameters). Each is fixable (backward over all losses
-with the finite check after, static stack gradients handed out once as views, layouts built outside the graph
-per segment key), but that is its own change.
+Trial packing (autopeft/packing.py) uses it too, for the packed step of K trials (`packing._static_steps`).
+Its eager step broke these rules in four places, each fixed there: the NaN check read every trial's loss on
+the host between forward and backward (now the backward's root is the sum of all the trials' losses and the
+losses are read one step late); the stacked parameters handed their gradient out in a Python hook (now static
+stack gradients, handed out once as views: `_Stack.make_static`); `PackState.layout` built its index tensor
+inside the forward (now built before the step and kept per composition); and the pack's shape changes as
+trials leave (now one `GraphedStep` per composition of trials, dropped and captured anew when one leaves).
 """
 
 from __future__ import annotations

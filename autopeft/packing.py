@@ -41,6 +41,18 @@ How a pack is built, so that packed and sequential training are the same computa
   (`PackState.release`; safetensors saves no views). Still per segment: sites with LoRA dropout (each trial
   draws its own masks, as it would alone), prefix attention and the `SegmentedModule`s.
 
+On CUDA the packed step runs as CUDA graphs (`Fidelity.cuda_graphs`, auto/on/off, shared by the pack's
+trials), as an unpacked trial's does (`autopeft.cuda_graphs`): a pack of 8 was host-bound (258 ms a step at
+roberta-large size, H200) and lost to graphed unpacked trials (1,671 against 950 trials per GPU-hour, MiniLM
+2,381 against 818; bench/results/packing*-h200-2026-11-30.json). The eager step breaks a capture's rules in
+four places, and the graphed path (`_static_steps`) changes each: the losses are read on the host one step
+late instead of between forward and backward, and the backward's root is the sum of every trial's loss
+(a NaN reaches only its own trial: see `_static_step_fn`); the stacks' gradients go to static buffers whose
+views are the trials' `.grad`s, set once (`_Stack.make_static`), instead of being handed out by a hook; the
+layout of a composition is built before the step and kept (`PackState.layout`); and every trial's rows are
+padded to one bucket length, with one graph runner per composition, captured anew when a trial leaves. The
+eager path (`_eager_steps`) stays as it was: the reference, and what runs with graphs off or on a CPU.
+
 Every method packs, with these caveats: dropout (LoRA dropout, or a backbone's own dropout) draws from one RNG
 stream in a different order than sequential runs would, so with dropout on, packed trials are statistically,
 not bitwise, the same as sequential ones; and `peak_memory_mb` of a packed trial is measured on one
@@ -70,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft import kernels
+from autopeft.cuda_graphs import GraphedStep, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
 from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast
 from autopeft.models import architecture_of, get_layers, resolve_backbone
@@ -84,6 +97,7 @@ from autopeft.train import (
     PeakMemory,
     TrialConfig,
     TrialResult,
+    _graphs_failed,
     _memory_at_failure,
     _null,
     _param_groups,
@@ -122,25 +136,32 @@ class PackState:
         self.sites: list[Any] = []
         self.grouped = 0
         self.looped = 0
-        self._layout: tuple[tuple, tuple[int, torch.Tensor | None]] | None = None
+        self._layouts: dict[tuple, tuple[int, torch.Tensor | None] | None] = {}
 
     def layout(self, device: torch.device, slots: int) -> tuple[int, torch.Tensor | None] | None:
         """The current batch as G equal chunks of rows, each inside one segment, for batched GEMMs: (G, the slot
         of each chunk as an index tensor on `device`, or None when chunk g is slot g for all `slots` slots, the
         usual case of every trial active with one batch size). Chunks are gcd(segment sizes) rows, so segments
         of unequal size (a trial's short last batch, trials of other batch sizes) still group, in more and
-        smaller chunks, with no copy of the activations. None for an empty batch."""
+        smaller chunks, with no copy of the activations. None for an empty batch.
+
+        Built once per composition of segments and kept until the pack is released, never evicted: a CUDA graph
+        captured on a composition reads its index tensor by address at every replay, so the tensor must outlive
+        the graph, and it must exist before the capture (its host-to-device copy cannot be captured).
+        `train_pack`'s graphed path calls this before each step, outside the captured region. A pack sees few
+        compositions (the active set changes only when trials leave; short last batches add one each), and
+        each entry is one small index tensor."""
         key = (tuple(self.segments), device, slots)
-        if self._layout is None or self._layout[0] != key:
+        if key not in self._layouts:
             sizes = [e - s for _, s, e in self.segments]
             rows = math.gcd(*sizes) if sizes else 0
             if rows == 0:
-                self._layout = (key, None)
+                self._layouts[key] = None
             else:
                 owner = [k for k, s, e in self.segments for _ in range((e - s) // rows)]
                 idx = None if owner == list(range(slots)) else torch.tensor(owner, device=device)
-                self._layout = (key, (len(owner), idx))
-        return self._layout[1]
+                self._layouts[key] = (len(owner), idx)
+        return self._layouts[key]
 
     def stack(self) -> int:
         """Put every site that can run grouped into the grouped layout (its trials' parameters become views of
@@ -155,6 +176,27 @@ class PackState:
         batch again; with every slot released the stacks are freed."""
         for site in self.sites:
             site.release(slot)
+        if slot is None:
+            self._layouts.clear()
+
+    def stacks(self) -> list[_Stack]:
+        """Every stack of every grouped site."""
+        return [s for site in self.sites for s in site.stacks()]
+
+    def make_static(self) -> list[torch.Tensor]:
+        """Static gradients for the graphed step (`_Stack.make_static`): every trainable stack gets a zero `.grad`
+        that backward accumulates into in place, and its trials' parameters get views of it as their `.grad`,
+        once. Returns those stacks' leaves (the tensors a `GraphedStep` keeps the gradients of)."""
+        leaves = []
+        for s in self.stacks():
+            if s.views:
+                s.make_static()
+                leaves.append(s.leaf)
+        return leaves
+
+    def stacked_params(self) -> set[int]:
+        """ids of the trials' parameters that are views of a stack (their gradients come from the stack's)."""
+        return {id(p) for s in self.stacks() for p, _ in s.views.values()}
 
 
 class _Stack:
@@ -181,6 +223,7 @@ class _Stack:
         self.dtype = functools.reduce(torch.promote_types, [t.dtype for t in present])  # the tensors' own
         self.views: dict[int, tuple[nn.Parameter, tuple]] = {}
         self.used: set[int] = set()  # slots in a forward since the last backward: only they get a gradient
+        self.static = False  # gradients in a static buffer (`make_static`), not handed out after backward
         with torch.no_grad():
             for k, (t, s) in enumerate(zip(tensors, stored, strict=True)):
                 if t is None:
@@ -195,7 +238,24 @@ class _Stack:
             self.leaf.requires_grad_(True)
             self.leaf.register_post_accumulate_grad_hook(self._hand_out)
 
+    def make_static(self) -> None:
+        """The graphed step's gradients: a zero `leaf.grad` that backward accumulates into in place (autograd
+        does, for a leaf whose `.grad` exists), and each slot's parameter given the view of its region as its
+        `.grad` (with the parameter's strides), once, instead of after every backward by `_hand_out` (a Python
+        hook a graph's replay would not run). Zero it in place after the optimizer steps; a slot absent from a
+        step gets zeros there, which its optimiser never reads (only trials in the step are stepped)."""
+        if self.static or not self.views:
+            return
+        self.leaf.grad = torch.zeros_like(self.leaf)
+        for p, region in self.views.values():
+            g = self.leaf.grad[region]
+            p.grad = g.t() if self.transpose else g
+        self.static = True
+
     def _hand_out(self, leaf: torch.Tensor) -> None:
+        if self.static:  # the gradient stays in the static buffer the parameters' .grad views
+            self.used.clear()
+            return
         grad, leaf.grad = leaf.grad, None
         used, self.used = self.used, set()
         for k, (p, region) in self.views.items():
@@ -208,7 +268,12 @@ class _Stack:
         for k in list(self.views) if slot is None else [slot]:
             entry = self.views.pop(k, None)
             if entry is not None:
+                if self.static:  # its .grad is a view of the static buffer: a trial that left needs none
+                    entry[0].grad = None
                 entry[0].data = entry[0].data.clone(memory_format=torch.contiguous_format)
+        if slot is None and self.static:
+            self.leaf.grad = None
+            self.static = False
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -377,6 +442,9 @@ class PackedLinear(nn.Module):
                           if b is not None and p is not None and p.dora}
         self._stacks = st
         return True
+
+    def stacks(self) -> list[_Stack]:
+        return list(self._stacks.values()) if self._stacks is not None else []
 
     def release(self, slot: int | None = None) -> None:
         if self._stacks is None:
@@ -736,6 +804,9 @@ class _AdapterSite:
                                                  device=dev).view(-1, 1)
         return stacked
 
+    def stacks(self) -> list[_Stack]:
+        return [p[name] for p in self._passes or () for name in self.WEIGHTS]
+
     def release(self, slot: int | None = None) -> None:
         if self._passes is None:
             return
@@ -817,7 +888,12 @@ class PackStats:
     peak_memory_mb: float
     steps: int  # packed steps (forward/backward passes over the pack)
     grouped: int = 0  # forward calls of packed sites that ran grouped (all trials in one set of batched ops)
-    looped: int = 0  # ... and that ran the per-segment loop
+    looped: int = 0  # ... and that ran the per-segment loop (a graph's replay runs no Python: not counted)
+    cuda_graphs: int = 0  # 1: the packed steps ran as CUDA graphs (captured, no capture failed), else 0
+    graph_captures: int = 0  # graphs captured (one per composition of trials and bucket length)
+    graph_replays: int = 0  # packed steps that were one graph's replay
+    graph_steps_eager: int = 0  # packed steps of the graphed path run uncaptured (a short batch in them)
+    graph_failure: str | None = None  # why a capture failed (the pack then went on eagerly, under "auto")
 
     @property
     def tokens_per_s(self) -> float:
@@ -857,6 +933,8 @@ def _check_compatible(configs: Sequence[TrialConfig]) -> None:
             raise UserError("packed trials must share one backbone; pack trials of different backbones separately")
         if c.task != first.task or c.data != first.data:
             raise UserError("packed trials must share one task and data; pack trials of different tasks separately")
+        if c.fidelity.cuda_graphs != first.fidelity.cuda_graphs:  # one packed step, graphed or not
+            raise UserError("packed trials must share fidelity.cuda_graphs")
 
 
 def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, select: str = "dev",
@@ -880,7 +958,11 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
     task = task or configs[0].data.load(configs[0].task)
     kernels.set_kernels(kernel_mode)
     dev = pick_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    mode = configs[0].fidelity.cuda_graphs
+    graphs = use_cuda_graphs(mode, dev)  # "on" off CUDA: a UserError before anything trains
+    static = graphs or STATIC_WITHOUT_GRAPHS
+    bf16 = dev.type == "cuda" and CUDA_BF16
+    dtype = torch.bfloat16 if bf16 else torch.float32
 
     base, tokenizer = seeded_backbone(configs[0].backbone, task, dtype, configs[0].fidelity.seed)
     shared = dict(base.named_parameters())
@@ -912,62 +994,19 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
         state.stack()
     pad_id = tokenizer.pad_token_id
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    # no cast cache under graphs: a cached bf16 copy of a trainable weight (a head) would be baked into the graph
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not static) if bf16 else _null()
     base.train()
     active = [t for t in trials if t.total_steps > 0]
-    tokens = packed_steps = 0
+    run = _Run()
     mem: PeakMemory | None = None
     try:
         with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
-            while active:
-                batches = [(t, next(t.batches)) for t in active]
-                input_ids, mask, segments = _collate_pack(batches, pad_id)
-                input_ids, mask = input_ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
-                state.segments = segments
-                with autocast:
-                    logits = base(input_ids=input_ids, attention_mask=mask).logits
-                    losses = [_loss(base, logits[s:e], t.labels[idx].to(dev))
-                              for (t, idx), (_, s, e) in zip(batches, segments, strict=True)]
-                    losses = [loss * float("nan") if t.fault == "nan" else loss
-                              for (t, _), loss in zip(batches, losses, strict=True)]
-                state.captured.clear()
-                values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync for the pack
-                keep: list[tuple[_Trial, list[int], torch.Tensor, float]] = []
-                for (t, idx), loss, value in zip(batches, losses, values, strict=True):
-                    if t.fault == "oom":  # a simulated allocator failure, for this trial only
-                        t.failure = TrialFailed("oom", f"CUDA out of memory (simulated by {FAULT_ENV})")
-                    elif not math.isfinite(value):  # this trial leaves the pack; its loss is not back-propagated
-                        t.failure = TrialFailed("nan", f"loss became {value} at step {t.step}")
-                    else:
-                        keep.append((t, idx, loss, value))
-                if keep:  # one backward for the pack: parameters are disjoint, so each gets only its own gradient
-                    torch.stack([loss for _, _, loss, _ in keep]).sum().backward()
-                for t, idx, _, value in keep:
-                    if t.cfg.fidelity.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
-                    t.optimizer.step()
-                    t.schedule.step()
-                    t.optimizer.zero_grad(set_to_none=True)
-                    lengths = [len(t.train_ids[i]) for i in idx]
-                    t.tokens += sum(lengths)
-                    tokens += sum(lengths)
-                    if len(idx) * max(lengths) > t.widest_area:
-                        t.widest, t.widest_area = idx, len(idx) * max(lengths)
-                    t.losses.append(value)
-                    t.step += 1
-                now = time.perf_counter()
-                for t in active:
-                    if t.failure is not None:  # its parameters may hold NaN now: free its gradients, forget it
-                        for p in t.trainable:
-                            p.grad = None
-                    elif t.step >= t.total_steps:
-                        t.train_s = now - t0
-                packed_steps += 1
-                for t in active:
-                    if t.failure is not None or t.step >= t.total_steps:
-                        state.release(t.slot)  # it leaves the pack: its parameters become its own again
-                active = [t for t in active if t.failure is None and t.step < t.total_steps]
+            if static:
+                _static_steps(base, state, trials, active, dev, autocast, pad_id, mode, graphs, t0, run)
+            else:
+                _eager_steps(base, state, active, dev, autocast, pad_id, t0, run)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             pack_s = time.perf_counter() - t0
@@ -977,13 +1016,16 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
         for t in trials:
             if t.failure is None:
                 t.failure = TrialFailed("oom", detail, memory_mb=memory)
-        return Pack([t.failure for t in trials], PackStats(len(trials), 0.0, tokens, memory or 0.0, packed_steps,
-                                                           state.grouped, state.looped))
+        return Pack([t.failure for t in trials], run.stats(len(trials), 0.0, memory or 0.0, state, dev))
     finally:
         state.segments = []
+        state.captured.clear()
         state.release()
+        for t in trials:  # static gradients (graphed path) of parameters outside the stacks
+            for p in t.trainable:
+                p.grad = None
 
-    stats = PackStats(len(trials), pack_s, tokens, mem.peak_mb, packed_steps, state.grouped, state.looped)
+    stats = run.stats(len(trials), pack_s, mem.peak_mb, state, dev)
     for t in trials:
         if t.failure is None:
             try:
@@ -997,12 +1039,318 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
     return Pack([t.failure if t.failure is not None else t.result for t in trials], stats)
 
 
-def _collate_pack(batches: Sequence[tuple[_Trial, list[int]]], pad_id: int
+@dataclass
+class _Run:
+    """What the training loop of a pack counts, for `PackStats`."""
+
+    tokens: int = 0
+    steps: int = 0
+    graphed: bool = False  # the static (graphed) path ran
+    captures: int = 0
+    replays: int = 0
+    steps_eager: int = 0
+    failure: str | None = None
+
+    def stats(self, size: int, seconds: float, peak_mb: float, state: PackState, dev: torch.device) -> PackStats:
+        used = self.graphed and dev.type == "cuda" and self.failure is None and self.captures > 0
+        return PackStats(size, seconds, self.tokens, peak_mb, self.steps, state.grouped, state.looped, int(used),
+                         self.captures, self.replays, self.steps_eager, self.failure)
+
+
+def _eager_steps(base: nn.Module, state: PackState, active: list[_Trial], dev: torch.device, autocast: Any,
+                 pad_id: int, t0: float, run: _Run) -> None:
+    """The eager packed step (the reference, and the path without CUDA graphs): every trial's loss read on the
+    host between forward and backward, only the finite ones back-propagated, gradients handed out by the
+    stacks' hooks (`_Stack._hand_out`), a trial leaving the pack the step its loss turns non-finite."""
+    while active:
+        batches = [(t, next(t.batches)) for t in active]
+        input_ids, mask, segments = _collate_pack(batches, pad_id)
+        input_ids, mask = input_ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+        state.segments = segments
+        with autocast:
+            logits = base(input_ids=input_ids, attention_mask=mask).logits
+            losses = [_loss(base, logits[s:e], t.labels[idx].to(dev))
+                      for (t, idx), (_, s, e) in zip(batches, segments, strict=True)]
+            losses = [loss * float("nan") if t.fault == "nan" else loss
+                      for (t, _), loss in zip(batches, losses, strict=True)]
+        state.captured.clear()
+        values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one sync for the pack
+        keep: list[tuple[_Trial, list[int], torch.Tensor, float]] = []
+        for (t, idx), loss, value in zip(batches, losses, values, strict=True):
+            if t.fault == "oom":  # a simulated allocator failure, for this trial only
+                t.failure = TrialFailed("oom", f"CUDA out of memory (simulated by {FAULT_ENV})")
+            elif not math.isfinite(value):  # this trial leaves the pack; its loss is not back-propagated
+                t.failure = TrialFailed("nan", f"loss became {value} at step {t.step}")
+            else:
+                keep.append((t, idx, loss, value))
+        if keep:  # one backward for the pack: parameters are disjoint, so each gets only its own gradient
+            torch.stack([loss for _, _, loss, _ in keep]).sum().backward()
+        for t, idx, _, value in keep:
+            if t.cfg.fidelity.grad_clip:
+                torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
+            t.optimizer.step()
+            t.schedule.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            run.tokens += _account(t, idx)
+            t.losses.append(value)
+        now = time.perf_counter()
+        for t in active:
+            if t.failure is not None:  # its parameters may hold NaN now: free its gradients, forget it
+                for p in t.trainable:
+                    p.grad = None
+            elif t.step >= t.total_steps:
+                t.train_s = now - t0
+        run.steps += 1
+        for t in active:
+            if t.failure is not None or t.step >= t.total_steps:
+                state.release(t.slot)  # it leaves the pack: its parameters become its own again
+        active[:] = [t for t in active if t.failure is None and t.step < t.total_steps]
+
+
+def _account(t: _Trial, idx: list[int]) -> int:
+    """A trial's step done: its step count, tokens and widest batch (for `_probe_memory`); returns its tokens."""
+    lengths = [len(t.train_ids[i]) for i in idx]
+    t.tokens += sum(lengths)
+    if len(idx) * max(lengths) > t.widest_area:
+        t.widest, t.widest_area = idx, len(idx) * max(lengths)
+    t.step += 1
+    return sum(lengths)
+
+
+#: run the graphed path's host logic (static gradients, bucketed widths, layouts built before the step, losses
+#: read one step late, a new composition per change of the active set) without capturing, where graphs are not
+#: used (CPU): what the CPU tests check that logic by, against the eager path. Off in normal use.
+STATIC_WITHOUT_GRAPHS = False
+#: a pack on CUDA runs a bf16 backbone under bf16 autocast, as `run_trial` does; False runs it in fp32 without
+#: autocast (the CUDA tests compare graphed and eager packs in fp32, where they agree to rounding)
+CUDA_BF16 = True
+
+
+def _static_step_fn(base: nn.Module, state: PackState, trials: Sequence[_Trial], autocast: Any):
+    """The packed forward + losses + backward as a function of static inputs, for `GraphedStep`: no value is read
+    on the host. The backward's root is the sum of every trial's loss, NaN or not: parameters are disjoint and
+    every op of the shared frozen path is row-wise (GEMMs over rows, attention per example, LayerNorm per
+    token; no frozen weight's gradient is computed), so d(sum)/d(a row's activation) comes from that row's
+    trial's loss alone and a NaN loss puts NaN only into its own trial's rows and parameters (each stack's
+    slot is its own region; tests check this). The per-trial losses, as one [n] tensor, are the output: the
+    loop reads them after the step, one step late, and removes a trial whose loss was not finite."""
+
+    def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = inputs["labels"]
+        with autocast:
+            logits = base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            losses = []
+            for k, s, e in state.segments:
+                loss = _loss(base, logits[s:e], labels[s:e])
+                losses.append(loss * float("nan") if trials[k].fault == "nan" else loss)
+        state.captured.clear()
+        stacked = torch.stack([loss.float() for loss in losses])
+        stacked.sum().backward()
+        return stacked.detach()
+
+    return step
+
+
+class _UncapturedStep:
+    """`GraphedStep`'s interface and static gradients without graphs (`STATIC_WITHOUT_GRAPHS`, CPU): each call
+    runs the step eagerly; `captures` and `replays` count what a `GraphedStep` would have done."""
+
+    failure: str | None = None
+    active = True
+
+    def __init__(self, fn: Any, params: Sequence[torch.Tensor]) -> None:
+        self._fn = fn
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._seen: set[tuple] = set()
+        self.captures = self.replays = 0
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = _key(inputs)
+        if key in self._seen:
+            self.replays += 1
+        else:
+            self._seen.add(key)
+            self.captures += 1
+        return self._fn(dict(inputs)).detach()
+
+    def release(self) -> None:
+        self._seen.clear()
+
+
+class _LaggedLosses:
+    """The pack's per-trial losses handed back one step late (`train.LaggedLoss` for a vector): reading them at
+    once would make the host wait for the whole step it just launched, and the next step's host work (collating,
+    the trials' optimiser steps) would no longer overlap the GPU's. `push` returns the previous step's
+    [(trial, its step), loss value] pairs; on CUDA through pinned memory behind an event."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self._cuda = device.type == "cuda"
+        self._host = torch.empty(2, max(1, size), dtype=torch.float32, pin_memory=self._cuda)
+        self._slot = 0
+        self._pending: tuple[list, torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, who: list[tuple[_Trial, int]], losses: torch.Tensor) -> list[tuple[tuple[_Trial, int], float]]:
+        done = self.pop()
+        if not self._cuda:
+            self._pending = (who, losses.detach(), None)
+            return done
+        buf = self._host[self._slot, :len(who)]
+        self._slot ^= 1
+        buf.copy_(losses.detach().float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (who, buf, event)
+        return done
+
+    def pop(self) -> list[tuple[tuple[_Trial, int], float]]:
+        if self._pending is None:
+            return []
+        who, values, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return list(zip(who, values.tolist(), strict=True))
+
+
+def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], active: list[_Trial],
+                  dev: torch.device, autocast: Any, pad_id: int, mode: str, graphs: bool, t0: float,
+                  run: _Run) -> None:
+    """The packed step as CUDA graphs (`GraphedStep`), where the eager step breaks a capture's rules, fixed:
+
+    * Fixed shapes: the pack is right-padded to the bucket length (`bucket_length`) of its longest example,
+      so a composition needs a handful of graphs (4 at max_length 128); padding is masked out, so no loss
+      changes. A composition is the trials in the step and their rows, i.e. the segments.
+    * The composition and its layout are host data: the segments are set and `PackState.layout` built before
+      the step, outside the captured region, and kept (the graphs read the index tensor by address).
+    * One graph runner (`GraphedStep`) per composition of full batches. A trial leaving the pack (finished,
+      NaN, simulated OOM) changes the composition: the runner is dropped (graphs and memory pool) and the next
+      full step captures anew, the warm-up of each capture being the real step. The alternative, keeping a
+      departed trial's slot in the graphs with zero loss weight until the pack ends, would keep the graphs but
+      pay its rows' share of every remaining step's GEMMs (1/K of them) for the rest of the pack, run its
+      data on, and carry a possibly-NaN slot through every step; a trial leaves at most once, and a search
+      pack's trials share a step count so they usually all finish together, so new captures cost less (a few
+      captures of about one host-side step each, once). A step where some trial has a short batch (the last of
+      an epoch) runs the same function uncaptured: one-off compositions are not worth a capture.
+    * Static gradients: the stacks' gradients accumulate into static buffers whose regions are the trials'
+      parameters' `.grad` (`PackState.make_static`), set once; other trainable parameters (heads, BitFit
+      LayerNorms, prefixes, looped sites) get zero `.grad`s; all are zeroed in place after the optimiser steps.
+    * No host read inside the step: the backward's root is the sum of all the trials' losses (see
+      `_static_step_fn`), and the losses are read after it, one step late (`_LaggedLosses`). A trial whose
+      loss was not finite so takes one more optimiser step on its NaN gradients (its own parameters only) and
+      runs one more step before it fails `nan` with the step it happened at; the other trials are unaffected,
+      as in the unpacked graphed trainer.
+
+    The optimiser steps, clipping and schedules stay outside the graph (Python-side state, as `GraphedStep`
+    explains). A capture failure: under "on" every trial still in the pack fails `cuda_graphs`; under "auto"
+    one warning, and the pack goes on with the same step uncaptured (the same computation)."""
+    run.graphed = True
+    slots = len(trials)
+    max_length = max(t.cfg.fidelity.max_length for t in trials)
+    fn = _static_step_fn(base, state, trials, autocast)
+    leaves = state.make_static()
+    stacked = state.stacked_params()
+    lag = _LaggedLosses(dev, slots)
+    runner: GraphedStep | _UncapturedStep | None = None
+    runner_key: tuple | None = None
+    capture = graphs or STATIC_WITHOUT_GRAPHS
+
+    def static_grads(group: Sequence[_Trial]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params = leaves + [p for t in group for p in t.trainable if id(p) not in stacked]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return params, [p.grad for p in params]
+
+    def drop_runner() -> None:
+        nonlocal runner, runner_key
+        if runner is not None:
+            run.captures += runner.captures
+            run.replays += runner.replays
+            runner.release()
+        runner, runner_key = None, None
+
+    def settle(done: list[tuple[tuple[_Trial, int], float]]) -> None:
+        for (t, at), value in done:
+            if t.failure is not None:
+                continue
+            if not math.isfinite(value):
+                t.failure = TrialFailed("nan", f"loss became {value} at step {at}")
+            else:
+                t.losses.append(value)
+
+    params, grads = static_grads(active)
+    pin = dev.type == "cuda"
+    try:
+        while active:
+            batches = [(t, next(t.batches)) for t in active]
+            longest = max(len(t.train_ids[i]) for t, idx in batches for i in idx)
+            input_ids, mask, segments = _collate_pack(batches, pad_id, bucket_length(longest, max_length))
+            labels = torch.cat([t.labels[idx] for t, idx in batches])
+            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            inputs = {k: (v.pin_memory() if pin else v).to(dev, non_blocking=True) for k, v in inputs.items()}
+            state.segments = segments
+            state.layout(dev, slots)  # built here, before (and outside) any capture
+            full = all(len(idx) == t.cfg.fidelity.batch_size for t, idx in batches)
+            if capture and full:
+                key = tuple(segments)
+                if runner_key != key:
+                    drop_runner()
+                    runner = GraphedStep(fn, params) if graphs else _UncapturedStep(fn, params)
+                    runner_key = key
+                losses = runner(inputs)  # a new bucket: warm-up step (the real one) + capture; else a replay
+                if runner.failure is not None:
+                    run.failure = runner.failure
+                    capture = False
+                    drop_runner()
+                    state.captured.clear()  # a capture stopped half-way may have left a block input behind
+                    try:
+                        _graphs_failed(base, run.failure, mode, f"a pack of {len(trials)} trials")
+                    except TrialFailed as exc:  # "on": the pack cannot run as asked
+                        for t in active:
+                            t.failure = exc
+                        return
+            else:
+                losses = fn(inputs)
+                run.steps_eager += 1
+            settle(lag.push([(t, t.step) for t, _ in batches], losses))
+            for t, idx in batches:
+                if t.fault == "oom" and t.failure is None:  # a simulated allocator failure, for this trial only
+                    t.failure = TrialFailed("oom", f"CUDA out of memory (simulated by {FAULT_ENV})")
+                if t.failure is not None:
+                    continue
+                if t.cfg.fidelity.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
+                t.optimizer.step()
+                t.schedule.step()
+                run.tokens += _account(t, idx)
+            torch._foreach_zero_(grads)  # in place: the graphs accumulate into these very tensors
+            now = time.perf_counter()
+            run.steps += 1
+            leaving = [t for t in active if t.failure is not None or t.step >= t.total_steps]
+            for t in leaving:
+                if t.failure is None:
+                    t.train_s = now - t0
+                state.release(t.slot)  # its parameters become its own again, without a .grad
+                for p in t.trainable:
+                    p.grad = None
+            if leaving:
+                drop_runner()  # its graphs write into gradients that are gone now
+                active[:] = [t for t in active if t not in leaving]
+                params, grads = static_grads(active)
+        settle(lag.pop())
+    finally:
+        drop_runner()
+
+
+def _collate_pack(batches: Sequence[tuple[_Trial, list[int]]], pad_id: int, width: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
-    """The packed micro-batch: each trial's micro-batch in turn, all right-padded to the widest example, built on
-    the host and copied once; and the segments (slot, first row, end row) that say whose rows are whose."""
+    """The packed micro-batch: each trial's micro-batch in turn, all right-padded to the widest example (or to
+    `width`, a CUDA graph's bucket length: masked positions, no loss changes), built on the host and copied
+    once; and the segments (slot, first row, end row) that say whose rows are whose."""
     rows = [t.train_ids[i] for t, idx in batches for i in idx]
-    width = max(len(r) for r in rows)
+    width = max(width or 0, max(len(r) for r in rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, ids in enumerate(rows):
@@ -1104,11 +1452,13 @@ def _finish(t: _Trial, task: TaskData, tokenizer: Any, select: str, heldout_frac
     if not math.isfinite(main):
         raise TrialFailed("nan", f"{task.metric_name} is {main}")
     losses = t.losses
+    # on CUDA, whether the pack's steps ran as CUDA graphs (1) or eagerly (0: off, or a capture failed)
+    graph_flag = {"cuda_graphs": float(stats.cuda_graphs)} if dev.type == "cuda" else {}
     metrics = Metrics(
         metric_name=task.metric_name, metric=main, trainable_params=sum(p.numel() for p in t.trainable),
         backbone_params=t.model.autopeft_backbone_params, peak_memory_mb=max(0.0, peak), train_seconds=t.train_s,
         eval_seconds=eval_s, tokens_per_s=t.tokens / t.train_s if t.train_s > 0 else 0.0,
         train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])), steps=t.step,
-        extra={k: v for k, v in scores.items() if k != task.metric_name}, dev_metric=dev_metric)
+        extra={k: v for k, v in scores.items() if k != task.metric_name} | graph_flag, dev_metric=dev_metric)
     return TrialResult(metrics, t.model, t.spec, losses)
 

@@ -10,7 +10,10 @@ loading the backbone to the scored trial, evaluation included, i.e. what a searc
 * `hf_peft_graphed` (with `--hf-graphed`): the same, but with our loop's CUDA graphs (`cuda_graphs="auto"`), the
   strongest HF PEFT baseline we can give it;
 * `unpacked`: `train.run_trial`, one trial after another, with the fidelity's `cuda_graphs` (auto: graphed on CUDA);
-* `packed`: `packing.train_pack`, `--pack-size` trials at a time on one shared frozen backbone.
+* `packed`: `packing.train_pack`, `--pack-size` trials at a time on one shared frozen backbone, its packed step
+  as CUDA graphs under the fidelity's `cuda_graphs` (auto: graphed on CUDA; `packed_graphed` in the summary
+  says whether every pack ran graphed, `pack_tokens_per_s_*` is its throughput);
+* `packed_eager` (with `--packed-eager`): the same packs with `cuda_graphs="off"`, the eager packed step.
 
 Every arm uses the same seeds, data, fidelity and bf16 autocast. The packed and unpacked arms train the same
 models step for step (dropout aside, see `autopeft.packing`), so their accuracies should agree closely:
@@ -173,6 +176,10 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="leave out the HF PEFT arm")
     ap.add_argument("--hf-graphed", action="store_true",
                     help="add an HF PEFT arm trained with our loop's CUDA graphs (hf_peft_graphed)")
+    ap.add_argument("--packed-eager", action="store_true",
+                    help="add the packs trained with the eager packed step (cuda_graphs off: packed_eager)")
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                    help="fidelity.cuda_graphs of our unpacked and packed arms (default auto: graphed on CUDA)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
 
@@ -192,6 +199,7 @@ def main() -> None:
             backbone = random_large(tmp, args.tokenizer)
         fid = Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
                        max_length=args.max_length)
+    fid = dataclasses.replace(fid, cuda_graphs=args.cuda_graphs)
     task = data.load(task_name)
     configs = [TrialConfig(task=task_name, spec=SPECS[i % len(SPECS)], backbone=backbone,
                            fidelity=dataclasses.replace(fid, seed=i), data=data) for i in range(args.trials)]
@@ -229,26 +237,35 @@ def main() -> None:
     _sync()
     wall["unpacked"] = time.perf_counter() - t0
 
-    _sync()
-    t0 = time.perf_counter()
-    packed: list[TrialResult | TrialFailed] = []
-    pack_rows = []
-    for start in range(0, len(configs), args.pack_size):
-        chunk = configs[start:start + args.pack_size]
-        pack = train_pack(chunk, task=task, device=str(device))
-        packed.extend(pack.results)
-        pack_rows.append({"arm": "pack", "first_trial": start, "size": pack.stats.size,
-                          "train_seconds": pack.stats.train_seconds, "tokens": pack.stats.tokens,
-                          "tokens_per_s": pack.stats.tokens_per_s, "peak_memory_mb": pack.stats.peak_memory_mb,
-                          "steps": pack.stats.steps})
-        print(f"pack of {pack.stats.size}: {pack.stats.tokens_per_s:,.0f} tokens/s, "
-              f"peak {pack.stats.peak_memory_mb:,.0f} MiB", flush=True)
-    _sync()
-    wall["packed"] = time.perf_counter() - t0
-    for i, (c, r) in enumerate(zip(configs, packed, strict=True)):
-        rows.append({"arm": "packed", "trial": i, "spec": c.spec, **_row(r)})
-        print(f"packed    {i}: {_label(r)}", flush=True)
-    rows.extend(pack_rows)
+    packs: dict[str, tuple[list[TrialResult | TrialFailed], list[dict[str, Any]]]] = {}
+    for arm in ("packed", "packed_eager") if args.packed_eager else ("packed",):
+        arm_configs = configs if arm == "packed" else [
+            dataclasses.replace(c, fidelity=dataclasses.replace(c.fidelity, cuda_graphs="off")) for c in configs]
+        _sync()
+        t0 = time.perf_counter()
+        results: list[TrialResult | TrialFailed] = []
+        arm_rows = []
+        for start in range(0, len(arm_configs), args.pack_size):
+            pack = train_pack(arm_configs[start:start + args.pack_size], task=task, device=str(device))
+            results.extend(pack.results)
+            st = pack.stats
+            arm_rows.append({"arm": "pack" if arm == "packed" else "pack_eager", "first_trial": start,
+                             "size": st.size, "train_seconds": st.train_seconds, "tokens": st.tokens,
+                             "tokens_per_s": st.tokens_per_s, "peak_memory_mb": st.peak_memory_mb,
+                             "steps": st.steps, "cuda_graphs": st.cuda_graphs, "graph_captures": st.graph_captures,
+                             "graph_replays": st.graph_replays, "graph_steps_eager": st.graph_steps_eager,
+                             "graph_failure": st.graph_failure})
+            print(f"{arm} pack of {st.size}: {st.tokens_per_s:,.0f} tokens/s, peak {st.peak_memory_mb:,.0f} MiB, "
+                  f"graphed {st.cuda_graphs} ({st.graph_captures} captures, {st.graph_replays} replays"
+                  f"{', failure: ' + st.graph_failure if st.graph_failure else ''})", flush=True)
+        _sync()
+        wall[arm] = time.perf_counter() - t0
+        for i, (c, r) in enumerate(zip(configs, results, strict=True)):
+            rows.append({"arm": arm, "trial": i, "spec": c.spec, **_row(r)})
+            print(f"{arm:<9} {i}: {_label(r)}", flush=True)
+        rows.extend(arm_rows)
+        packs[arm] = (results, arm_rows)
+    packed, pack_rows = packs["packed"]
 
     per_hour = {arm: 3600.0 * len(configs) / s for arm, s in wall.items()}
     diffs = [abs(p.metrics.metric - u.metrics.metric) * 100 for p, u in zip(packed, unpacked, strict=True)
@@ -261,12 +278,20 @@ def main() -> None:
         "trials_per_gpu_hour_unpacked": per_hour["unpacked"],
         "trials_per_gpu_hour_speedup_vs_unpacked": per_hour["packed"] / per_hour["unpacked"],
         f"pack_tokens_per_s_{short}": pack_tokens / pack_seconds if pack_seconds > 0 else 0.0,
+        "packed_graphed": float(all(r["cuda_graphs"] for r in pack_rows)),  # every pack's steps as CUDA graphs
         "max_acc_diff_points": max(diffs) if diffs else float("nan"),
         "failed_packed": sum(isinstance(r, TrialFailed) for r in packed),
         "failed_unpacked": sum(isinstance(r, TrialFailed) for r in unpacked),
         "trials": len(configs),
         "pack_size": args.pack_size,
     }
+    if "packed_eager" in packs:
+        eager_rows = packs["packed_eager"][1]
+        eager_seconds = sum(r["train_seconds"] for r in eager_rows)
+        summary["trials_per_gpu_hour_packed_eager"] = per_hour["packed_eager"]
+        summary["trials_per_gpu_hour_packed_graphed_vs_eager"] = per_hour["packed"] / per_hour["packed_eager"]
+        summary[f"pack_tokens_per_s_eager_{short}"] = (sum(r["tokens"] for r in eager_rows) / eager_seconds
+                                                       if eager_seconds > 0 else 0.0)
     best = max(per_hour["packed"], per_hour["unpacked"])  # what a worker gets running the faster of the two
     for arm in ("hf_peft", "hf_peft_graphed"):
         if arm in per_hour:
@@ -277,7 +302,9 @@ def main() -> None:
         f"{args.backbone} on {args.task}"
     notes = (f"{what}; {len(configs)} trials per arm, packs of {args.pack_size}; fidelity {fid.to_dict()}; "
              f"seeds 0..{len(configs) - 1}; wall-clock per arm from loading to scored trial, evaluation included "
-             f"cuda_graphs: unpacked {fid.cuda_graphs}, hf_peft off, hf_peft_graphed auto, packed none (not graphed); "
+             f"cuda_graphs: unpacked {fid.cuda_graphs}, hf_peft off, hf_peft_graphed auto, packed {fid.cuda_graphs} "
+             f"(packs ran graphed: {'yes' if summary['packed_graphed'] else 'no'}; packed_graphed = 1 when every "
+             "pack's steps ran as CUDA graphs), packed_eager off; "
              "(our unpacked arm keeps the loaded backbone in memory between trials, as a search worker does; the "
              "HF PEFT arm loads it for each trial, as a script per trial would); "
              f"pack_tokens_per_s_* = training tokens of the packs / their training seconds; {device_name(device)}")

@@ -9,6 +9,9 @@ clipping and AdamW step, as `packing.train_pack` runs it. Arms, on the same pack
 
 * `loop`: every site per segment (`GROUPED = False`);
 * `grouped`: every site that can be, grouped (here all of them: no LoRA dropout);
+* `grouped_graphed` (CUDA only): the grouped step's forward, losses and backward as one CUDA graph
+  (`autopeft.cuda_graphs.GraphedStep` over static stack gradients, `PackState.make_static`), clipping and AdamW
+  outside, as `packing.train_pack` runs a pack under `cuda_graphs` auto;
 * `unpacked`: each trial's own model stepped alone on its own rows, summed over the K trials: what K
   one-by-one trials cost for the same work.
 
@@ -39,6 +42,7 @@ from packing import SPECS
 from torch import nn
 
 from autopeft import packing
+from autopeft.cuda_graphs import GraphedStep
 from autopeft.packing import _share_frozen, build_packed_model
 from autopeft.peft import inject
 from autopeft.spec import Fidelity, PeftSpec
@@ -146,9 +150,41 @@ def main() -> None:
             update(t)
             losses.append(loss.detach())
 
+    graphed: dict[str, Any] = {}
+
+    def graphed_step() -> None:
+        """forward + losses + backward replayed as one graph; each trial's clip and AdamW after, in place."""
+        loss = graphed["step"]({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+        for t in trials:
+            torch.nn.utils.clip_grad_norm_(t.trainable, 1.0)
+            t.optimizer.step()
+        torch._foreach_zero_(graphed["grads"])  # static gradients: the graph accumulates into them
+        losses.append(loss)
+
+    def make_graphed() -> None:
+        """`train_pack`'s graphed set-up: static stack gradients handed out once, the layout built before the
+        capture, autocast without its cast cache."""
+        leaves = state.make_static()
+        stacked = state.stacked_params()
+        params = leaves + [p for t in trials for p in t.trainable if id(p) not in stacked]
+        nocache = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        state.segments = segments
+        state.layout(device, k)
+
+        def forward_backward(inp: dict[str, torch.Tensor]) -> torch.Tensor:
+            with nocache:
+                logits = base(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
+                loss = torch.stack([loss_fn(logits[s:e], inp["labels"][s:e]) for _, s, e in segments]).sum()
+            loss.backward()
+            return loss.detach()
+
+        graphed["step"] = GraphedStep(forward_backward, params)
+        graphed["grads"] = [p.grad for p in params]
+
     rows: list[dict[str, Any]] = []
     ms: dict[str, float] = {}
-    for arm in ("loop", "unpacked", "grouped"):
+    arms = ["loop", "unpacked", "grouped"] + (["grouped_graphed"] if device.type == "cuda" else [])
+    for arm in arms:
         if arm == "unpacked" and args.skip_unpacked:
             continue
         if arm == "grouped":
@@ -156,14 +192,21 @@ def main() -> None:
             print(f"grouped: {stacked} of {len(state.sites)} packed sites stacked", flush=True)
         for t in trials:  # fresh AdamW state, laid out like the parameters as they are now (as in train_pack)
             t.optimizer = torch.optim.AdamW(_param_groups(t.model, Fidelity()))
-        fn = unpacked_steps if arm == "unpacked" else packed_step
+        if arm == "grouped_graphed":
+            make_graphed()
+        fn = {"unpacked": unpacked_steps, "grouped_graphed": graphed_step}.get(arm, packed_step)
         before = (state.grouped, state.looped)
         ms[arm] = time_cuda(fn, warmup=args.warmup, iters=args.iters)
         calls = args.warmup + args.iters
         per_step = ((state.grouped - before[0]) / calls, (state.looped - before[1]) / calls)
         finite = bool(torch.isfinite(torch.stack(losses[-calls:]).float()).all())
-        rows.append({"arm": arm, "ms_per_step": ms[arm], "grouped_calls_per_step": per_step[0],
-                     "looped_calls_per_step": per_step[1], "losses_finite": finite})
+        row = {"arm": arm, "ms_per_step": ms[arm], "grouped_calls_per_step": per_step[0],
+               "looped_calls_per_step": per_step[1], "losses_finite": finite,
+               "tokens_per_s": k * bs * length / (ms[arm] / 1000)}
+        if arm == "grouped_graphed":  # a replay runs no Python: the site calls counted are the capture's
+            st = graphed["step"]
+            row |= {"graph_captures": st.captures, "graph_replays": st.replays, "graph_failure": st.failure}
+        rows.append(row)
         print(f"{arm:9s} {ms[arm]:9.1f} ms/step  (site calls per step: {per_step[0]:.0f} grouped, "
               f"{per_step[1]:.0f} per segment; losses finite: {finite})", flush=True)
     state.release()
@@ -177,10 +220,22 @@ def main() -> None:
     if "unpacked" in ms:
         summary["step_ms_unpacked_total"] = ms["unpacked"]
         summary["grouped_speedup_vs_unpacked"] = ms["unpacked"] / ms["grouped"]
+    summary["pack_tokens_per_s_grouped"] = k * bs * length / (ms["grouped"] / 1000)
+    if "grouped_graphed" in ms:
+        st = graphed["step"]
+        summary["packed_graphed"] = float(st.failure is None and st.captures > 0)
+        summary["step_ms_grouped_graphed"] = ms["grouped_graphed"]
+        summary["graphed_speedup_vs_grouped"] = ms["grouped"] / ms["grouped_graphed"]
+        summary["pack_tokens_per_s_grouped_graphed"] = k * bs * length / (ms["grouped_graphed"] / 1000)
+        if "unpacked" in ms:
+            summary["graphed_speedup_vs_unpacked"] = ms["unpacked"] / ms["grouped_graphed"]
     what = "tiny BERT (smoke run: the numbers mean nothing)" if args.tiny else "random roberta-large-size BERT"
     notes = (f"{what}; pack of {k} trials (bench/packing.py SPECS, cycled), {bs} rows x {length} tokens each, "
              "bf16 autocast on CUDA; median ms of one training step (forward, backward, per-trial clip + AdamW) "
              f"over {args.iters} steps after {args.warmup} warm-up; unpacked = the K trials' own steps summed; "
+             "grouped_graphed (CUDA only) = the grouped step's forward + backward as one CUDA graph (the first "
+             "warm-up step captures it; packed_graphed = 1 when it did), clip + AdamW outside; tokens/s = K x rows "
+             "x tokens per step (every row full); "
              f"{device_name(device)}")
     write_results("packing_step_tiny" if args.tiny else "packing_step", rows, summary, out_dir=args.out,
                   notes=notes, device=device)
