@@ -212,11 +212,34 @@ def canonical(space: Any, params: Mapping[str, Any], num_layers: int) -> dict[st
 
 
 # ----- one replay ------------------------------------------------------------------------------------------------
-def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int, batch: int = 4) -> dict[str, Any]:
-    """One (sampler, seed) study of `trials` trials on the table: the row each trial hit and the HV curve."""
+#: autopeft.sampler's BoTorch budget constants that `--botorch NAME=VALUE` may change for an experiment
+BOTORCH_SETTINGS = ("MC_SAMPLES", "RAW_SAMPLES", "NUM_RESTARTS", "MAX_BASELINE", "MAX_ITER", "FIT_MAXITER",
+                    "GREEDY_POOL")
+
+
+def botorch_settings(pairs: Sequence[str]) -> dict[str, int]:
+    """`NAME=VALUE` pairs as a dict, refused early when a name is not one of BOTORCH_SETTINGS."""
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in BOTORCH_SETTINGS or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--botorch {pair!r}: use NAME=N with N >= 1 and NAME one of "
+                             f"{', '.join(BOTORCH_SETTINGS)}")
+        out[name] = int(value)
+    return out
+
+
+def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int, batch: int = 4,
+           settings: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """One (sampler, seed) study of `trials` trials on the table: the row each trial hit and the HV curve.
+    `settings` overrides autopeft.sampler's BoTorch budget (module constants) in this process."""
     import optuna
 
+    from autopeft import sampler as sampler_module
     from autopeft.sampler import make_sampler
+
+    for name, value in (settings or {}).items():
+        setattr(sampler_module, name, value)
     from autopeft.search import room_left, sample_configs, spec_key, suggest_all
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -267,10 +290,10 @@ def replay(table: Table, sampler: str, seed: int, trials: int, n_startup: int, b
             "seconds": time.perf_counter() - t0}
 
 
-def _replay_job(table_path: str, sampler: str, seed: int, trials: int, n_startup: int, batch: int
-                ) -> dict[str, Any]:
+def _replay_job(table_path: str, sampler: str, seed: int, trials: int, n_startup: int, batch: int,
+                settings: Mapping[str, int]) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return replay(Table.load(table_path), sampler, seed, trials, n_startup, batch)
+    return replay(Table.load(table_path), sampler, seed, trials, n_startup, batch, settings)
 
 
 # ----- main --------------------------------------------------------------------------------------------------
@@ -288,6 +311,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-startup-trials", type=int, default=8, help="as studies/glue-sst2.yaml")
     ap.add_argument("--proposal-batch", type=int, default=6, help="BoTorch q-batch, as studies/glue-sst2.yaml")
     ap.add_argument("--jobs", type=int, default=1, help="(sampler, seed) replays in parallel processes")
+    ap.add_argument("--botorch", nargs="+", default=[], metavar="NAME=N",
+                    help="change the BoTorch budget for this replay (e.g. MC_SAMPLES=32 RAW_SAMPLES=128); the "
+                         "results file is then named sampler_efficiency_<NAME>N_...")
     ap.add_argument("--out", default=str(BENCH / "results"))
     return ap.parse_args(argv)
 
@@ -295,6 +321,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Replay every (sampler, seed), write the results JSON and the plot; returns the summary."""
     args = parse_args(argv)
+    settings = botorch_settings(args.botorch)
     path = Path(args.table) if args.table else latest_table()
     if path is None or not path.is_file():
         raise SystemExit(f"no table {path or 'in bench/data'}: build one with bench/tabular.py")
@@ -313,14 +340,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.jobs <= 1:
         for s, seed in pairs:
-            done(replay(table, s, seed, args.trials, args.n_startup_trials, args.proposal_batch))
+            done(replay(table, s, seed, args.trials, args.n_startup_trials, args.proposal_batch, settings))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_replay_job, str(path), s, seed, args.trials, args.n_startup_trials,
-                                   args.proposal_batch)
+                                   args.proposal_batch, settings)
                        for s, seed in pairs]
             for fut in as_completed(futures):
                 done(fut.result())
@@ -334,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for s, (med, q25, q75) in curves.items() for t in range(args.trials)]
     rows += [{k: v for k, v in r.items()} | {"kind": "run"} for r in runs]
     device = device_name()
-    png = Path(args.out) / f"sampler_efficiency-{device}-{_dt.date.today().isoformat()}.png"
+    name = "sampler_efficiency" + "".join(f"_{k.lower()}{v}" for k, v in settings.items())
+    png = Path(args.out) / f"{name}-{device}-{_dt.date.today().isoformat()}.png"
     plot(curves, summary, table, png, args.trials)
     m = table.meta
     notes = (f"table {path} ({m.get('backbone')} on {m.get('task')}, {m.get('device')}, {m.get('date')}, fidelity "
@@ -343,8 +371,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              f"memory MiB) min-max normalised over the table's measured rows, reference {REF} per dimension "
              f"(table_hv = the table's own HV); n_startup_trials {args.n_startup_trials} enqueued seeded points; "
              f"BoTorch proposal batch {args.proposal_batch}; "
+             f"BoTorch budget {', '.join(f'{k}={v}' for k, v in settings.items()) or 'as autopeft.sampler'}; "
              f"seeds 0..{args.seeds - 1}; plot {png}")
-    write_results("sampler_efficiency", rows, summary, out_dir=args.out, notes=notes, device=device)
+    write_results(name, rows, summary, out_dir=args.out, notes=notes, device=device)
     return summary
 
 

@@ -146,3 +146,14 @@ def test_random_replay_runs_on_the_table(table_path: Path) -> None:
     assert all(0 <= h < 30 for h in run["hits"])
     assert run["hv"] == sorted(run["hv"])
     assert run["failed"] == sum(1 for h in run["hits"] if h == 3)
+
+
+def test_botorch_budget_overrides_are_checked() -> None:
+    """`--botorch NAME=N` changes one of the sampler's budget constants for an experiment; a typo must not run
+    a 15-minute replay with the defaults."""
+    from sampler_efficiency import botorch_settings
+
+    assert botorch_settings(["MC_SAMPLES=32", "RAW_SAMPLES=128"]) == {"MC_SAMPLES": 32, "RAW_SAMPLES": 128}
+    for bad in ("MC_SAMPLE=32", "MC_SAMPLES=0", "MC_SAMPLES=x"):
+        with pytest.raises(SystemExit, match="--botorch"):
+            botorch_settings([bad])
