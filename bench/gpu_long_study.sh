@@ -9,7 +9,8 @@
 #   bash bench/gpu_long_study.sh OUTDIR [bench/results/baselines-....json]
 # Environment (defaults: the 2026-11-29 study): STUDY (glue-sst2-long), N_TRIALS (200), MAX_PARAMS (none; e.g. 1%
 # for a study constrained to the <= 1% region), TIMEOUT (none; seconds after which no trial starts), FRONT_TOP (5),
-# STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out).
+# STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out),
+# RESCORE (none; N = rank the N best front points under 1% by reruns at the study's fidelity first, see baselines.py).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
 set -uo pipefail
 out=${1:?usage: bench/gpu_long_study.sh OUTDIR [REUSE.json]}
@@ -37,6 +38,6 @@ PY
 fi
 if [[ " $steps " == *" front "* ]]; then
   python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study "$study" \
-    --front-top "${FRONT_TOP:-5}" ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs 8 --out "$out" 2>&1 \
+    --front-top "${FRONT_TOP:-5}" ${RESCORE:+--rescore "$RESCORE"} ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs 8 --out "$out" 2>&1 \
     | grep -v -i warn | tail -40
 fi

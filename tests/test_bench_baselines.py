@@ -1,0 +1,63 @@
+"""bench/baselines.py: which front points get retrained, and the rescoring that ranks them (issue "evidence")."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@pytest.fixture()
+def storage(tmp_path: Path) -> str:
+    """A finished 3-objective study whose front is trials 0-2 under 1% of params and trial 3 above it."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize", "minimize"])
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    for i, (acc, params, mem, pct) in enumerate([(0.90, 3e4, 300, 0.1), (0.89, 2e4, 280, 0.09),
+                                                  (0.88, 1e4, 260, 0.05), (0.91, 5e5, 400, 2.2)]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": i}, distributions=dist, values=[acc, params, mem],
+            user_attrs={"spec": {"lora": {"rank": {"q": i + 1}}}, "trainable_pct": pct,
+                        "trainable_params": int(params)}))
+    return url
+
+
+def test_front_points_under_the_budget_come_first_by_held_out(storage: str) -> None:
+    from baselines import front_specs
+
+    assert [n for n, _ in front_specs(storage, "s", 2, 1.0)] == ["autopeft_trial0", "autopeft_trial1"]
+    # a baseline with 15k params: the best front point within that budget is added
+    assert [n for n, _ in front_specs(storage, "s", 1, 1.0, {"hf_x": 15_000})] == ["autopeft_trial0",
+                                                                                   "autopeft_trial2"]
+
+
+def test_rescoring_reorders_what_is_retrained(storage: str) -> None:
+    """A front point lucky in the study's one run loses its place once reruns at the same fidelity are averaged
+    in; a failed rerun counts for nothing."""
+    from baselines import front_specs, rescore_candidates, rescored_means
+
+    candidates = rescore_candidates(storage, "s", 3, 1.0)
+    assert [n for n, _, _ in candidates] == [0, 1, 2]  # trial 3 is over 1%: never rescored
+    runs = [{"trial": 0, "heldout_metric": 0.86}, {"trial": 0, "heldout_metric": 0.87},
+            {"trial": 1, "heldout_metric": 0.90}, {"trial": 1, "error": "RuntimeError: boom"},
+            {"trial": 2, "heldout_metric": 0.88}]
+    ranking = rescored_means(candidates, runs)
+    assert ranking == pytest.approx({0: (0.90 + 0.86 + 0.87) / 3, 1: (0.89 + 0.90) / 2, 2: 0.88})
+    assert [n for n, _ in front_specs(storage, "s", 2, 1.0, ranking=ranking)] == ["autopeft_trial1",
+                                                                                  "autopeft_trial2"]
+
+
+def test_reuse_takes_only_baseline_rows(tmp_path: Path) -> None:
+    """--reuse fills the table with an earlier file's baselines, never its front points or rescoring runs."""
+    from baselines import reused_rows
+
+    rows = [{"name": "hf_ia3", "seed": 0, "metric": 0.85}, {"name": "autopeft_trial8", "seed": 0, "metric": 0.88},
+            {"name": "rescore_trial8", "seed": 1, "trial": 8, "heldout_metric": 0.9}, {"name": "means", "means": {}}]
+    path = tmp_path / "baselines-x.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert [r["name"] for r in reused_rows(str(path))] == ["hf_ia3"]
