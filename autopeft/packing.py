@@ -150,7 +150,13 @@ class PackState:
         the graph, and it must exist before the capture (its host-to-device copy cannot be captured).
         `train_pack`'s graphed path calls this before each step, outside the captured region. A pack sees few
         compositions (the active set changes only when trials leave; short last batches add one each), and
-        each entry is one small index tensor."""
+        each entry is one small index tensor.
+
+        `device` "cuda" (no index, as `pick_device` gives) is keyed as the current device, what the packed
+        modules' `x.device` says inside the forward: otherwise the layout built before the step would be
+        another key's, and the forward would build its own."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (tuple(self.segments), device, slots)
         if key not in self._layouts:
             sizes = [e - s for _, s, e in self.segments]
@@ -1163,10 +1169,15 @@ class _UncapturedStep:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        self._params = list(params)
+        self._grads = [p.grad for p in self._params]
         self._seen: set[tuple] = set()
         self.captures = self.replays = 0
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        # as GraphedStep checks: a replay would accumulate into the .grad tensors held at capture
+        if any(p.grad is not g for p, g in zip(self._params, self._grads)):
+            raise RuntimeError("a parameter's .grad was replaced while the (uncaptured) graphed step holds it")
         key = _key(inputs)
         if key in self._seen:
             self.replays += 1
@@ -1177,6 +1188,7 @@ class _UncapturedStep:
 
     def release(self) -> None:
         self._seen.clear()
+        self._params, self._grads = [], []
 
 
 class _LaggedLosses:
@@ -1310,6 +1322,9 @@ def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], a
                     except TrialFailed as exc:  # "on": the pack cannot run as asked
                         for t in active:
                             t.failure = exc
+                        # the previous step's losses are still queued: a trial that finished on it (and left
+                        # the pack before this capture) keeps its last loss, or fails `nan` on it
+                        settle(lag.pop())
                         return
             else:
                 losses = fn(inputs)

@@ -65,6 +65,26 @@ def test_layouts_are_built_once_per_composition_and_kept() -> None:
     assert state.layout(dev, 3)[1] is not idx
 
 
+def test_a_layout_built_before_the_step_is_the_one_the_forward_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train_pack` builds the layout on its device "cuda" (no index), the packed modules ask with `x.device`,
+    "cuda:0": one key, so the forward finds the tensor built outside the capture instead of building its own."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    state = PackState()
+    state.segments = [(0, 0, 4), (1, 4, 8)]
+    before = state.layout(torch.device("cuda"), 2)
+    assert state.layout(torch.device("cuda", 0), 2) is before and len(state._layouts) == 1
+
+
+def test_the_uncaptured_step_refuses_replaced_gradients() -> None:
+    """`STATIC_WITHOUT_GRAPHS` checks what `GraphedStep` checks: the .grad tensors it was given stay put."""
+    p = torch.nn.Parameter(torch.ones(3))
+    step = packing._UncapturedStep(lambda inputs: (p * inputs["x"]).sum(), [p])
+    step({"x": torch.ones(3)})
+    p.grad = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="replaced"):
+        step({"x": torch.ones(3)})
+
+
 def test_collate_pads_every_trial_to_the_bucket() -> None:
     trials = [SimpleNamespace(slot=0, train_ids=[[5, 6, 7], [5, 6]]), SimpleNamespace(slot=2, train_ids=[[9] * 19])]
     batches = [(trials[0], [0, 1]), (trials[1], [0])]
@@ -261,6 +281,37 @@ def test_static_path_trains_as_the_eager_pack(tiny_backbone_dir: Path, toy: Data
         assert_same_trial(nan_static.results[k], static.results[k])  # as if the NaN trials were never there
 
 
+def test_a_failed_capture_under_on_keeps_the_finished_trials_last_loss(
+        tiny_backbone_dir: Path, toy: DataOptions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under "on", a capture that fails on a later composition (after a trial finished and left) fails the
+    trials still in the pack; the one that finished keeps every step's loss, the last one read one step late
+    (still queued when the capture failed). On the CPU: the uncaptured step, made to fail on its second
+    composition, and "on" let through."""
+    made = []
+
+    class FailsOnSecondComposition(packing._UncapturedStep):
+        def __init__(self, fn, params):
+            super().__init__(fn, params)
+            made.append(self)
+
+        def __call__(self, inputs):
+            losses = super().__call__(inputs)
+            if len(made) > 1:
+                self.failure = "RuntimeError: simulated capture failure"
+            return losses
+
+    monkeypatch.setattr(packing, "STATIC_WITHOUT_GRAPHS", True)
+    monkeypatch.setattr(packing, "use_cuda_graphs", lambda mode, dev: False)
+    monkeypatch.setattr(packing, "_UncapturedStep", FailsOnSecondComposition)
+    configs = _configs(tiny_backbone_dir, toy, "on")
+    pack = train_pack([configs[0], configs[4]], memory_probe=False, device="cpu")  # 6 and 4 steps
+    assert len(made) == 2 and pack.stats.graph_failure
+    assert isinstance(pack.results[0], TrialFailed) and pack.results[0].reason == "cuda_graphs"
+    done = pack.results[1]
+    assert isinstance(done, TrialResult), done
+    assert done.metrics.steps == 4 and len(done.loss_curve) == 4
+
+
 # ----- CUDA -------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fp32_cuda(monkeypatch: pytest.MonkeyPatch):
@@ -311,6 +362,9 @@ def test_graphed_pack_equals_eager_pack(cuda_packs) -> None:
     graphed, eager = cuda_packs
     assert graphed.stats.cuda_graphs == 1 and graphed.stats.graph_failure is None
     assert graphed.stats.graph_captures >= 4 and graphed.stats.graph_replays > 0
+    # every step captured (its warm-up is the step) or replayed: none ran uncaptured (no short batch here)
+    assert graphed.stats.graph_captures + graphed.stats.graph_replays == graphed.stats.steps
+    assert graphed.stats.graph_steps_eager == 0
     assert eager.stats.cuda_graphs == 0 and eager.stats.graph_captures == 0
     assert graphed.stats.tokens == eager.stats.tokens and graphed.stats.steps == eager.stats.steps
     for g, e in zip(graphed.results, eager.results, strict=True):
@@ -332,7 +386,8 @@ def test_graphed_pack_nan_trial_leaves_others_as_eager(tiny_backbone_dir: Path, 
     monkeypatch.setenv("AUTOPEFT_INJECT_FAULT", "nan@12")
     pack = train_pack([configs[0], diverging, configs[2], configs[3]], trial_numbers=[10, 11, 12, 13],
                       memory_probe=False)
-    assert pack.stats.cuda_graphs == 1
+    assert pack.stats.cuda_graphs == 1 and pack.stats.graph_replays > 0
+    assert pack.stats.graph_captures + pack.stats.graph_replays == pack.stats.steps
     assert isinstance(pack.results[1], TrialFailed) and pack.results[1].reason == "nan"
     assert isinstance(pack.results[2], TrialFailed) and pack.results[2].reason == "nan"
     assert "step 0" in pack.results[2].detail
@@ -376,7 +431,8 @@ def test_graphed_pack_capture_failure_auto_warns_on_fails(tiny_backbone_dir: Pat
 def test_graphed_pack_in_bf16_trains(tiny_backbone_dir: Path, toy: DataOptions) -> None:
     """The configuration the search runs: bf16 backbone under autocast (no cast cache), graphs under auto."""
     pack = train_pack(_configs(tiny_backbone_dir, toy), memory_probe=True)
-    assert pack.stats.cuda_graphs == 1 and pack.stats.tokens_per_s > 0
+    assert pack.stats.cuda_graphs == 1 and pack.stats.tokens_per_s > 0 and pack.stats.graph_replays > 0
+    assert pack.stats.graph_captures + pack.stats.graph_replays == pack.stats.steps
     for r in pack.results:
         assert isinstance(r, TrialResult), r
         assert r.metrics.extra["cuda_graphs"] == 1.0 and r.metrics.peak_memory_mb > 0
