@@ -11,14 +11,17 @@
   lengthscale prior (Hvarfner et al., 2024), which stays sample-efficient at the ~20-40 dimensions of our
   spaces. A SAAS GP would also suit that regime but is fitted by NUTS: tens of seconds to minutes per proposal
   on two CPU cores, more than a short trial costs.
-* Optimiser budget: 4 restarts from 256 raw samples, 64 MC samples, at most 100 L-BFGS iterations, and a
+* Optimiser budget: 2 restarts from 128 raw samples, 64 MC samples, at most 100 L-BFGS iterations, and a
   warm-started GP fit capped at 75. The space is integer indices relaxed to intervals and rounded
-  afterwards, so a finely converged continuous optimum buys little. qLogNEHVI's cost grows with its
-  baseline (one box decomposition of the baseline's front per MC sample), so the baseline is pruned to the
-  24 trials most likely Pareto-optimal. Measured on an idle 2-core machine, 20 dims, 2026-11-29
-  (bench/search_overhead.py): one fit proposing one configuration 5.2 s at 20 trials and 8.0 s at 100; a fit
-  proposing a q-batch of 6 (the presets) 8.7 s and 11.2 s, i.e. 1.5 s and 1.9 s per trial. (The discrete
-  selection and the q-batch greedy step, added since, are part of those times.)
+  afterwards, so a finely converged continuous optimum buys little: the discrete selection (256 Sobol points
+  and the rounded optimum's neighbours, see `discrete`) does the rest. qLogNEHVI's cost grows with its
+  baseline (one box decomposition of the baseline's front per MC sample, BoTorch's Python code, the largest
+  part of a proposal), so the baseline is pruned to the 16 trials most likely Pareto-optimal. Measured on an
+  idle 2-core machine, 20 dims, 2026-11-30 (bench/search_overhead.py): one fit proposing one configuration
+  about 4 s at 100 trials, 5.6 s with the budget before (4 restarts, 256 raw samples, 24 baseline points); on
+  the replay benchmark (bench/sampler_efficiency.py, 10 seeds) the smaller budget did as well: 29 trials to
+  random search's 60-trial hypervolume with 10 of 10 seeds, against 30.5 and 9 of 10. Halving the MC samples
+  as well was faster still but worse on the replay (40.5 trials, 6 of 10 seeds).
 * Reference point: BoTorch's `infer_reference_point` (10% beyond the nadir of the feasible front) rather
   than Optuna's "worst observed", so early fronts do not give zero volume to improvements along one axis.
 * Robustness: a sampler that raises stops `study.optimize` for every worker, whereas DESIGN.md wants a study
@@ -53,13 +56,14 @@ SAMPLERS: tuple[str, ...] = ("botorch", "tpe", "nsga2", "random")
 CONSTRAINTS_ATTR = "constraints"
 
 #: Acquisition optimiser budget (see the module docstring for why it is small).
-NUM_RESTARTS = 4
-RAW_SAMPLES = 256
+NUM_RESTARTS = 2
+RAW_SAMPLES = 128
 MC_SAMPLES = 64
 MAX_ITER = 100
 FIT_MAXITER = 75
-MAX_BASELINE = 24  # baseline points kept for qLogNEHVI (see _propose)
+MAX_BASELINE = 16  # baseline points kept for qLogNEHVI (see _propose)
 GREEDY_POOL = 32  # candidates the 2nd..qth point of a q-batch is chosen among (see discrete)
+DISCRETE_POOL = 256  # Sobol points of the discrete selection, beside the rounded optimum's neighbours
 
 _log = logging.getLogger(__name__)
 
@@ -307,7 +311,7 @@ class LogNEHVICandidates:
                 x = best[0].clone()
                 x[j] = (x[j] + step).clamp(lo[j], hi[j])
                 around.append(x)
-        sobol = SobolEngine(best.shape[-1], scramble=True, seed=len(train_x)).draw(RAW_SAMPLES).to(best)
+        sobol = SobolEngine(best.shape[-1], scramble=True, seed=len(train_x)).draw(DISCRETE_POOL).to(best)
         pool = torch.cat([torch.stack(around), lo + (hi - lo) * sobol])
         keys, rows = set(), []
         for x in pool:

@@ -214,7 +214,7 @@ def canonical(space: Any, params: Mapping[str, Any], num_layers: int) -> dict[st
 # ----- one replay ------------------------------------------------------------------------------------------------
 #: autopeft.sampler's BoTorch budget constants that `--botorch NAME=VALUE` may change for an experiment
 BOTORCH_SETTINGS = ("MC_SAMPLES", "RAW_SAMPLES", "NUM_RESTARTS", "MAX_BASELINE", "MAX_ITER", "FIT_MAXITER",
-                    "GREEDY_POOL")
+                    "DISCRETE_POOL", "GREEDY_POOL")
 
 
 def botorch_settings(pairs: Sequence[str]) -> dict[str, int]:
