@@ -35,12 +35,16 @@ TRIALS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
-    d = tmp_path_factory.mktemp("toy-pack")
+def toy_pack_data(d: Path) -> DataOptions:
+    """A small sentiment CSV task in `d`: enough rows for a few steps of several trials."""
     return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 160, 0)),
                        dev_file=str(write_sentiment_csv(d / "dev.csv", 60, 1)),
                        text_column="review", label_column="label")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
+    return toy_pack_data(tmp_path_factory.mktemp("toy-pack"))
 
 
 @pytest.fixture(scope="module")
@@ -462,13 +466,11 @@ FORWARD_SPECS = {
 }
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_packed_forward_equals_each_trials_model(family: str, grouped: bool) -> None:
-    """Forward only, with every adapter randomised away from its identity init: on each trial's rows the
-    packed model gives what the trial's own injected model gives, for both architecture families, grouped
-    and per segment."""
-    from autopeft.packing import _share_frozen, build_packed_model
+def randomised_trials(family: str) -> tuple[torch.nn.Module, list[torch.nn.Module], list]:
+    """A tiny backbone and one injected model per FORWARD_SPECS trial sharing its frozen tensors, every adapter
+    randomised away from its identity init (so a packed forward that dropped a term would show): the backbone,
+    the trial models and their specs."""
+    from autopeft.packing import _share_frozen
     from autopeft.peft import inject
     from autopeft.spec import PeftSpec
     from tests.conftest import tiny_model
@@ -486,8 +488,21 @@ def test_packed_forward_equals_each_trials_model(family: str, grouped: bool) -> 
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.2 * torch.randn_like(p))
-        trials.append(model.eval())
+        trials.append(model)
         specs.append(spec)
+    return base, trials, specs
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_packed_forward_equals_each_trials_model(family: str, grouped: bool) -> None:
+    """Forward only, with every adapter randomised away from its identity init: on each trial's rows the
+    packed model gives what the trial's own injected model gives, for both architecture families, grouped
+    and per segment."""
+    from autopeft.packing import build_packed_model
+
+    base, trials, specs = randomised_trials(family)
+    trials = [m.eval() for m in trials]
     state = build_packed_model(base, trials, specs)
     if grouped:
         assert state.stack() > 0

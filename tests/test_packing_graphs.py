@@ -26,18 +26,15 @@ from autopeft.errors import TrialFailed, UserError
 from autopeft.packing import PackState, train_pack
 from autopeft.peft import trainable_state_dict
 from autopeft.train import DataOptions, TrialConfig, TrialResult
-from tests.test_packing import FORWARD_SPECS, TRIALS, assert_same_trial
-from tests.test_train import cfg, write_sentiment_csv
+from tests.test_packing import TRIALS, assert_same_trial, randomised_trials, toy_pack_data
+from tests.test_train import cfg
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graph capture")
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> DataOptions:
-    d = tmp_path_factory.mktemp("toy-pack-graphs")
-    return DataOptions(train_file=str(write_sentiment_csv(d / "train.csv", 160, 0)),
-                       dev_file=str(write_sentiment_csv(d / "dev.csv", 60, 1)),
-                       text_column="review", label_column="label")
+    return toy_pack_data(tmp_path_factory.mktemp("toy-pack-graphs"))
 
 
 def _configs(backbone: Path, data: DataOptions, graphs: str = "auto") -> list[TrialConfig]:
@@ -96,26 +93,10 @@ def test_collate_pads_every_trial_to_the_bucket() -> None:
 
 def _tiny_pack(family: str = "bert"):
     """A packed tiny model of FORWARD_SPECS' trials (every method), adapters randomised away from identity."""
-    from autopeft.packing import _share_frozen, build_packed_model
-    from autopeft.peft import inject
-    from autopeft.spec import PeftSpec
-    from tests.conftest import tiny_model
+    from autopeft.packing import build_packed_model
 
-    base = tiny_model(family)
-    shared = dict(base.named_parameters())
-    models, specs = [], []
-    for k, d in enumerate(FORWARD_SPECS[family]):
-        model = tiny_model(family)
-        spec = PeftSpec.from_dict(d, num_layers=3)
-        torch.manual_seed(k)
-        inject(model, spec)
-        _share_frozen(model, shared)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.2 * torch.randn_like(p))
-        models.append(model.train())
-        specs.append(spec)
+    base, models, specs = randomised_trials(family)
+    models = [m.train() for m in models]
     state = build_packed_model(base, models, specs)
     assert state.stack() > 0
     base.train()
