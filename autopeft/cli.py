@@ -8,9 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from autopeft.errors import UserError
+from autopeft.spec import CUDA_GRAPH_MODES
 
-#: `--cuda-graphs` values (autopeft.cuda_graphs.MODES; not imported here, so `--help` needs no torch)
-CUDA_GRAPH_MODES = ("auto", "on", "off")
 EPILOG = "Exit codes: 0 done, 2 bad input, 1 anything else. Docs: README.md"
 
 

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import torch
 
 from autopeft.errors import UserError
+from autopeft.spec import CUDA_GRAPH_MODES
 
-MODES = ("auto", "on", "off")
 #: the shortest bucket: padding a short batch up to 32 tokens costs nothing on a launch-bound step
 MIN_BUCKET = 32
 
@@ -74,8 +74,8 @@ def use_cuda_graphs(mode: str, device: torch.device) -> bool:
     """Whether a trial on `device` should try a graphed step: "auto" and "on" on CUDA, never elsewhere.
 
     "on" off CUDA is a user error (one line, exit 2), raised before anything trains."""
-    if mode not in MODES:
-        raise UserError(f"--cuda-graphs must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode not in CUDA_GRAPH_MODES:
+        raise UserError(f"--cuda-graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, not {mode!r}")
     if mode == "off":
         return False
     if device.type != "cuda":
@@ -103,7 +103,40 @@ def _key(inputs: Mapping[str, torch.Tensor]) -> tuple:
     return tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
 
 
-class GraphedStep:
+class StaticGradients:
+    """The gradients a graphed step accumulates into: every parameter gets a zero `.grad` once, and those very
+    tensors must stay its `.grad` (zeroed in place, never replaced or set to None) while the step is in use,
+    since a graph's replay writes to the addresses it was captured with. Shared by `GraphedStep` and by the
+    packing's uncaptured stand-in, which must fail where a graph would go wrong."""
+
+    def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                 params: Sequence[torch.Tensor]) -> None:
+        self._fn = forward_backward
+        self._params = list(params)
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._grads = [p.grad for p in self._params]
+        self.captures = 0
+        self.replays = 0
+
+    def zero_grad(self) -> None:
+        """Zero the static gradients in place (after the optimizer step): the graphs keep writing into them."""
+        self._check_grads()
+        torch._foreach_zero_(self._grads)
+
+    def release(self) -> None:
+        """Drop the hold on the static gradients (and whatever a subclass keeps for them); the step is unusable
+        afterwards."""
+        self._params, self._grads = [], []
+
+    def _check_grads(self) -> None:
+        if any(p.grad is not g for p, g in zip(self._params, self._grads)):
+            raise RuntimeError("a parameter's .grad was replaced while CUDA graphs accumulate into it; zero "
+                               "gradients in place (optimizer.zero_grad(set_to_none=False))")
+
+
+class GraphedStep(StaticGradients):
     """`step(inputs)` = `forward_backward(inputs)` (loss of the batch, gradients accumulated into `.grad`), run
     as a CUDA graph per input shape.
 
@@ -115,20 +148,13 @@ class GraphedStep:
 
     def __init__(self, forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                  params: Sequence[torch.Tensor]) -> None:
-        self._fn = forward_backward
-        self._params = list(params)
-        if not self._params or not all(p.is_cuda for p in self._params):
+        if not params or not all(p.is_cuda for p in params):
             raise ValueError("GraphedStep needs trainable parameters on a CUDA device")
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self._grads = [p.grad for p in self._params]
+        super().__init__(forward_backward, params)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._side = _side_stream(self._params[0].device)
         self.failure: str | None = None  # why the step went eager for good (a failed capture), else None
-        self.captures = 0
-        self.replays = 0
 
     @property
     def active(self) -> bool:
@@ -157,21 +183,11 @@ class GraphedStep:
             self._give_up(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
         return loss
 
-    def zero_grad(self) -> None:
-        """Zero the static gradients in place (after the optimizer step): the graphs keep writing into them."""
-        self._check_grads()
-        torch._foreach_zero_(self._grads)
-
     def release(self) -> None:
         """Drop the graphs, their memory pool and the hold on the static gradients (before evaluation, or when
         the trial ends); the step is unusable afterwards."""
         self._graphs.clear()
-        self._params, self._grads = [], []
-
-    def _check_grads(self) -> None:
-        if any(p.grad is not g for p, g in zip(self._params, self._grads)):
-            raise RuntimeError("a parameter's .grad was replaced while CUDA graphs accumulate into it; zero "
-                               "gradients in place (optimizer.zero_grad(set_to_none=False))")
+        super().release()
 
     def _warm_up(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
         """One real step, eagerly, on a side stream (PyTorch's recipe before a capture)."""

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopeft import kernels
-from autopeft.cuda_graphs import GraphedStep, _key, bucket_length, use_cuda_graphs
+from autopeft.cuda_graphs import GraphedStep, StaticGradients, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
 from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast
 from autopeft.models import architecture_of, get_layers, resolve_backbone
@@ -94,6 +94,7 @@ from autopeft.tasks import TaskData
 from autopeft.train import (
     CURRENT_TRIAL,
     FAULT_ENV,
+    LaggedLoss,
     PeakMemory,
     TrialConfig,
     TrialResult,
@@ -1092,12 +1093,8 @@ def _eager_steps(base: nn.Module, state: PackState, active: list[_Trial], dev: t
         if keep:  # one backward for the pack: parameters are disjoint, so each gets only its own gradient
             torch.stack([loss for _, _, loss, _ in keep]).sum().backward()
         for t, idx, _, value in keep:
-            if t.cfg.fidelity.grad_clip:
-                torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
-            t.optimizer.step()
-            t.schedule.step()
+            run.tokens += _optimizer_step(t, idx)
             t.optimizer.zero_grad(set_to_none=True)
-            run.tokens += _account(t, idx)
             t.losses.append(value)
         now = time.perf_counter()
         for t in active:
@@ -1113,8 +1110,13 @@ def _eager_steps(base: nn.Module, state: PackState, active: list[_Trial], dev: t
         active[:] = [t for t in active if t.failure is None and t.step < t.total_steps]
 
 
-def _account(t: _Trial, idx: list[int]) -> int:
-    """A trial's step done: its step count, tokens and widest batch (for `_probe_memory`); returns its tokens."""
+def _optimizer_step(t: _Trial, idx: list[int]) -> int:
+    """A trial's own clipping, optimiser and schedule step after a packed backward, and its step done: its step
+    count, tokens and widest batch (for `_probe_memory`); returns its tokens."""
+    if t.cfg.fidelity.grad_clip:
+        torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
+    t.optimizer.step()
+    t.schedule.step()
     lengths = [len(t.train_ids[i]) for i in idx]
     t.tokens += sum(lengths)
     if len(idx) * max(lengths) > t.widest_area:
@@ -1157,7 +1159,7 @@ def _static_step_fn(base: nn.Module, state: PackState, trials: Sequence[_Trial],
     return step
 
 
-class _UncapturedStep:
+class _UncapturedStep(StaticGradients):
     """`GraphedStep`'s interface and static gradients without graphs (`STATIC_WITHOUT_GRAPHS`, CPU): each call
     runs the step eagerly; `captures` and `replays` count what a `GraphedStep` would have done."""
 
@@ -1165,19 +1167,11 @@ class _UncapturedStep:
     active = True
 
     def __init__(self, fn: Any, params: Sequence[torch.Tensor]) -> None:
-        self._fn = fn
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self._params = list(params)
-        self._grads = [p.grad for p in self._params]
+        super().__init__(fn, params)
         self._seen: set[tuple] = set()
-        self.captures = self.replays = 0
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # as GraphedStep checks: a replay would accumulate into the .grad tensors held at capture
-        if any(p.grad is not g for p, g in zip(self._params, self._grads)):
-            raise RuntimeError("a parameter's .grad was replaced while the (uncaptured) graphed step holds it")
+        self._check_grads()  # as GraphedStep: a replay would accumulate into the .grad tensors held at capture
         key = _key(inputs)
         if key in self._seen:
             self.replays += 1
@@ -1188,42 +1182,7 @@ class _UncapturedStep:
 
     def release(self) -> None:
         self._seen.clear()
-        self._params, self._grads = [], []
-
-
-class _LaggedLosses:
-    """The pack's per-trial losses handed back one step late (`train.LaggedLoss` for a vector): reading them at
-    once would make the host wait for the whole step it just launched, and the next step's host work (collating,
-    the trials' optimiser steps) would no longer overlap the GPU's. `push` returns the previous step's
-    [(trial, its step), loss value] pairs; on CUDA through pinned memory behind an event."""
-
-    def __init__(self, device: torch.device, size: int) -> None:
-        self._cuda = device.type == "cuda"
-        self._host = torch.empty(2, max(1, size), dtype=torch.float32, pin_memory=self._cuda)
-        self._slot = 0
-        self._pending: tuple[list, torch.Tensor, torch.cuda.Event | None] | None = None
-
-    def push(self, who: list[tuple[_Trial, int]], losses: torch.Tensor) -> list[tuple[tuple[_Trial, int], float]]:
-        done = self.pop()
-        if not self._cuda:
-            self._pending = (who, losses.detach(), None)
-            return done
-        buf = self._host[self._slot, :len(who)]
-        self._slot ^= 1
-        buf.copy_(losses.detach().float(), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending = (who, buf, event)
-        return done
-
-    def pop(self) -> list[tuple[tuple[_Trial, int], float]]:
-        if self._pending is None:
-            return []
-        who, values, event = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        return list(zip(who, values.tolist(), strict=True))
+        super().release()
 
 
 def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], active: list[_Trial],
@@ -1249,7 +1208,7 @@ def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], a
       parameters' `.grad` (`PackState.make_static`), set once; other trainable parameters (heads, BitFit
       LayerNorms, prefixes, looped sites) get zero `.grad`s; all are zeroed in place after the optimiser steps.
     * No host read inside the step: the backward's root is the sum of all the trials' losses (see
-      `_static_step_fn`), and the losses are read after it, one step late (`_LaggedLosses`). A trial whose
+      `_static_step_fn`), and the losses are read after it, one step late (`train.LaggedLoss`). A trial whose
       loss was not finite so takes one more optimiser step on its NaN gradients (its own parameters only) and
       runs one more step before it fails `nan` with the step it happened at; the other trials are unaffected,
       as in the unpacked graphed trainer.
@@ -1263,7 +1222,7 @@ def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], a
     fn = _static_step_fn(base, state, trials, autocast)
     leaves = state.make_static()
     stacked = state.stacked_params()
-    lag = _LaggedLosses(dev, slots)
+    lag = LaggedLoss(dev, slots)
     runner: GraphedStep | _UncapturedStep | None = None
     runner_key: tuple | None = None
     capture = graphs or STATIC_WITHOUT_GRAPHS
@@ -1283,8 +1242,9 @@ def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], a
             runner.release()
         runner, runner_key = None, None
 
-    def settle(done: list[tuple[tuple[_Trial, int], float]]) -> None:
-        for (t, at), value in done:
+    def settle(done: tuple[list[tuple[_Trial, int]], list[float]] | None) -> None:
+        """Record the losses of the step before (one step late: `train.LaggedLoss`)."""
+        for (t, at), value in zip(*done, strict=True) if done is not None else ():
             if t.failure is not None:
                 continue
             if not math.isfinite(value):
@@ -1333,13 +1293,8 @@ def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], a
             for t, idx in batches:
                 if t.fault == "oom" and t.failure is None:  # a simulated allocator failure, for this trial only
                     t.failure = TrialFailed("oom", f"CUDA out of memory (simulated by {FAULT_ENV})")
-                if t.failure is not None:
-                    continue
-                if t.cfg.fidelity.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(t.trainable, t.cfg.fidelity.grad_clip)
-                t.optimizer.step()
-                t.schedule.step()
-                run.tokens += _account(t, idx)
+                if t.failure is None:
+                    run.tokens += _optimizer_step(t, idx)
             torch._foreach_zero_(grads)  # in place: the graphs accumulate into these very tensors
             now = time.perf_counter()
             run.steps += 1

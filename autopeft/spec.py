@@ -292,6 +292,10 @@ class PeftSpec:
         return " + ".join(parts) or "none (head only)"
 
 
+#: `Fidelity.cuda_graphs` values (the CLI's `--cuda-graphs` choices; here because this module needs no torch)
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class Fidelity:
     """How hard one trial trains: the knob a search turns down and `--fidelity full` turns up."""
@@ -316,7 +320,7 @@ class Fidelity:
         mode = self.cuda_graphs
         if isinstance(mode, bool):  # YAML 1.1 reads a bare `on` / `off` as a boolean
             object.__setattr__(self, "cuda_graphs", "on" if mode else "off")
-        elif mode not in ("auto", "on", "off"):
+        elif mode not in CUDA_GRAPH_MODES:
             raise UserError(f"fidelity.cuda_graphs must be auto, on or off, got {mode!r}")
         if self.train_examples is not None and self.train_examples <= 0:
             raise UserError(f"fidelity.train_examples must be > 0 (or null for all), got {self.train_examples}")

@@ -262,38 +262,41 @@ class LaggedLoss:
 
     On CUDA the loss is copied into pinned host memory without blocking, behind an event; `push` of step n
     returns step n-1's value, waiting only for that step's loss. On CPU values are ready at once (same order).
-    A NaN is so caught one step after it happens, with its own step number.
+    A NaN is so caught one step after it happens, with its own step number. The loss may be a vector of up to
+    `size` values (a pack's per-trial losses); it comes back as `tolist()` gives it (a float for a scalar).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, size: int = 1) -> None:
         self._cuda = device.type == "cuda"
-        self._host = torch.empty(2, dtype=torch.float32, pin_memory=self._cuda)
+        self._host = torch.empty(2, max(1, size), dtype=torch.float32, pin_memory=self._cuda)
         self._slot = 0
-        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self._pending: tuple[Any, torch.Tensor, torch.cuda.Event | None] | None = None
 
-    def push(self, step: int, loss: torch.Tensor) -> tuple[int, float] | None:
-        """Queue `step`'s loss; return (step, value) of the one queued before, if any."""
+    def push(self, tag: Any, loss: torch.Tensor) -> tuple[Any, Any] | None:
+        """Queue the loss of `tag` (a step); return (tag, value) of the one queued before, if any."""
         done = self.pop()
+        loss = loss.detach()
         if not self._cuda:
-            self._pending = (step, loss.detach(), None)
+            self._pending = (tag, loss, None)
             return done
-        buf = self._host[self._slot:self._slot + 1]  # two slots: one being read while the other is written
+        # two slots: one being read while the other is written
+        buf = self._host[self._slot, :loss.numel()].view(loss.shape)
         self._slot ^= 1
-        buf.copy_(loss.detach().float().reshape(1), non_blocking=True)
+        buf.copy_(loss.float(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (step, buf, event)
+        self._pending = (tag, buf, event)
         return done
 
-    def pop(self) -> tuple[int, float] | None:
-        """(step, value) of the queued loss, waiting for it if need be; None when nothing is queued."""
+    def pop(self) -> tuple[Any, Any] | None:
+        """(tag, value) of the queued loss, waiting for it if need be; None when nothing is queued."""
         if self._pending is None:
             return None
-        step, value, event = self._pending
+        tag, value, event = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()
-        return step, float(value)
+        return tag, value.float().tolist()
 
 
 _GRAPH_WARNINGS: set[str] = set()

@@ -47,7 +47,7 @@ from common import device_name, write_results
 
 from autopeft.errors import TrialFailed
 from autopeft.models import load_backbone, resolve_backbone
-from autopeft.spec import Fidelity, PeftSpec
+from autopeft.spec import CUDA_GRAPH_MODES, Fidelity, PeftSpec
 from autopeft.train import DataOptions, TrialConfig, TrialResult, pick_device, run_trial, train_and_evaluate
 
 #: LoRA-family search trials HF PEFT can express exactly (so the HF arm trains the same models)
@@ -178,7 +178,7 @@ def main() -> None:
                     help="add an HF PEFT arm trained with our loop's CUDA graphs (hf_peft_graphed)")
     ap.add_argument("--packed-eager", action="store_true",
                     help="add the packs trained with the eager packed step (cuda_graphs off: packed_eager)")
-    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+    ap.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="auto",
                     help="fidelity.cuda_graphs of our unpacked and packed arms (default auto: graphed on CUDA)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
