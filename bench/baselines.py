@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one GPU shared)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    if args.rescore < 0 or (args.rescore and not args.storage):
+        ap.error("--rescore N needs N >= 0 and a study (--storage, --study) whose front points it reruns")
 
     device = pick_device()
     data = DataOptions(data_dir=args.data_dir)

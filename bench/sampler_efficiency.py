@@ -315,7 +315,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="change the BoTorch budget for this replay (e.g. MC_SAMPLES=32 RAW_SAMPLES=128); the "
                          "results file is then named sampler_efficiency_<NAME>N_...")
     ap.add_argument("--out", default=str(BENCH / "results"))
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        botorch_settings(args.botorch)
+    except SystemExit as exc:  # a bad --botorch: argparse's one-line error and exit code 2, before any replay
+        ap.error(str(exc))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
