@@ -18,8 +18,8 @@
   baseline (one box decomposition of the baseline's front per MC sample, BoTorch's Python code, the largest
   part of a proposal), so the baseline is pruned to the 16 trials most likely Pareto-optimal. Measured on an
   idle 2-core machine, 20 dims, 2026-11-30 (bench/search_overhead.py): one fit proposing one configuration
-  4.9 s at 100 trials (median of 5; 4.2-5.7 s against 5.9-7.6 s for the budget before, 4 restarts, 256 raw
-  samples and 24 baseline points, run side by side), 8.9 s for a q-batch of 6, i.e. 1.4 s per trial; on
+  4.9 s at 100 trials (median of 5; 5.6 s the same day with the budget before: 4 restarts, 256 raw samples,
+  24 baseline points), 8.9 s for a q-batch of 6, i.e. 1.4 s per trial; on
   the replay benchmark (bench/sampler_efficiency.py, 10 seeds) the smaller budget did as well: 29 trials to
   random search's 60-trial hypervolume with 10 of 10 seeds, against 30.5 and 9 of 10. Halving the MC samples
   as well was faster still but worse on the replay (40.5 trials, 6 of 10 seeds).

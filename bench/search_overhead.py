@@ -47,9 +47,10 @@ def fake(spec: PeftSpec, rng: random.Random) -> tuple[list[float], float]:
     return [acc, math.log10(1 + size), 100 + 0.3 * size + rng.gauss(0, 1)], float(size - 600)
 
 
-def measure(n_trials: int, proposals: int, layers: int, seed: int, batch: int = 1) -> dict:
-    """`proposals` GP fits after `n_trials` finished trials. With `batch` > 1 each fit proposes a q-batch; the
-    asks that take its queued configurations are timed too, so `per_trial_s` is the cost a trial pays."""
+def history(n_trials: int, layers: int, seed: int, batch: int = 1
+            ) -> tuple[optuna.Study, SearchSpace, dict, random.Random]:
+    """A BoTorch study (the search's sampler) holding `n_trials` finished synthetic trials over mixed.yaml, and
+    the space, distributions and RNG to tell it more (`fake`)."""
     space = SearchSpace.load("mixed")
     dists = space.distributions(layers)
     rng = random.Random(seed)
@@ -63,6 +64,13 @@ def measure(n_trials: int, proposals: int, layers: int, seed: int, batch: int = 
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=values,
                                                   user_attrs={"constraints": [con]},
                                                   system_attrs={"constraints": [con]}))
+    return study, space, dists, rng
+
+
+def measure(n_trials: int, proposals: int, layers: int, seed: int, batch: int = 1) -> dict:
+    """`proposals` GP fits after `n_trials` finished trials. With `batch` > 1 each fit proposes a q-batch; the
+    asks that take its queued configurations are timed too, so `per_trial_s` is the cost a trial pays."""
+    study, space, dists, rng = history(n_trials, layers, seed, batch)
     seconds, asks = [], []
     for _ in range(proposals * batch):
         started = time.perf_counter()
