@@ -57,13 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--max-params", help="constraint on trainable params: a count (50000) or a percentage (0.5%%)")
     s.add_argument("--max-memory", type=float, help="constraint on peak memory in MiB")
+    s.add_argument("--objectives", type=_objectives,
+                   help="comma-separated: metric plus any of params, memory (default: the preset's, all three)")
+    s.add_argument("--n-startup-trials", type=int, help="random trials before the sampler's model takes over")
     s.add_argument("--resume", action="store_true", help="continue an existing study of this name")
     s.add_argument("--workers", type=int, help="run N `autopeft worker` processes here: one per GPU (round robin "
                                                "over CUDA_VISIBLE_DEVICES) on CUDA, else N CPU workers")
     s.add_argument("--proposal-batch", type=int, help="BoTorch configurations chosen per GP fit (a q-batch); the "
                                                       "others wait in the study for the next trials")
     s.add_argument("--pack-size", type=int, help="train up to K trials at once on one shared frozen backbone "
-                                                 "(default: the preset's, 8 on a GPU, 1 on CPU)")
+                                                 "(default: the preset's gpu_pack_size on a GPU, 1 on CPU)")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--heldout-examples", type=int, help="size of the selection split carved from train")
     fid = s.add_argument_group("fidelity (overrides the preset's, per trial)")
@@ -121,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--tracking-uri", help="an MLflow backend store URI instead of --out")
     u.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     return p
+
+
+def _objectives(text: str) -> tuple[str, ...]:
+    """Split here only: which names are valid is checked once, with the preset's, in search.options_from_preset."""
+    return tuple(o.strip() for o in text.split(",") if o.strip())
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:

@@ -261,6 +261,8 @@ def prepare(opts: SearchOptions) -> Study:
         raise UserError(f"--pack-size must be >= 1, got {opts.pack_size}")
     if opts.proposal_batch < 1:
         raise UserError(f"--proposal-batch must be >= 1, got {opts.proposal_batch}")
+    if opts.n_startup_trials < 0:
+        raise UserError(f"--n-startup-trials must be >= 0, got {opts.n_startup_trials}")
     check_timeout(opts.timeout)
     use_cuda_graphs(opts.fidelity.cuda_graphs, pick_device(opts.device))  # "on" needs CUDA: exit 2 up front
     space = SearchSpace.load(opts.space)

@@ -8,7 +8,8 @@
 # Usage (repo root, a CUDA machine, after ../shared/tools/gpu-carry):
 #   bash bench/gpu_long_study.sh OUTDIR [bench/results/baselines-....json]
 # Environment (defaults: the 2026-11-29 study): STUDY (glue-sst2-long), N_TRIALS (200), MAX_PARAMS (none; e.g. 1%
-# for a study constrained to the <= 1% region), TIMEOUT (none; seconds after which no trial starts), FRONT_TOP (5),
+# for a study constrained to the <= 1% region), TIMEOUT (none; seconds after which no trial starts), OBJECTIVES (the
+# preset's; e.g. metric,params), FRONT_TOP (5),
 # STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out),
 # RESCORE (none; N = rank the N best front points under 1% by reruns at the study's fidelity first, see baselines.py).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
@@ -26,6 +27,7 @@ if [[ " $steps " == *" search "* ]]; then
   [ -f "$runs/optuna.db" ] && extra+=(--resume)
   [ -n "${MAX_PARAMS:-}" ] && extra+=(--max-params "$MAX_PARAMS")
   [ -n "${TIMEOUT:-}" ] && extra+=(--timeout "$TIMEOUT")
+  [ -n "${OBJECTIVES:-}" ] && extra+=(--objectives "$OBJECTIVES")
   autopeft search --task glue/sst2 --backbone "$backbone" --out "$runs" --no-tracking --study "$study" \
     --n-trials "${N_TRIALS:-200}" --workers 4 "${extra[@]}" 2>&1 | grep -v -i warn >>"$out/search_$study.log"
   python - "$runs/optuna.db" "$out/optuna-$study.db" <<'PY'
@@ -34,7 +36,7 @@ src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2]); src.back
 PY
   python bench/study_stats.py "$out/optuna-$study.db" --study "$study" --device "$(python -c \
     'import sys; sys.path.insert(0, "bench"); from common import device_name; print(device_name())')" --out "$out" \
-    --notes "autopeft search --workers 4 --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }(bench/gpu_long_study.sh)"
+    --notes "autopeft search --workers 4 --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }${OBJECTIVES:+--objectives $OBJECTIVES }(bench/gpu_long_study.sh)"
 fi
 if [[ " $steps " == *" front "* ]]; then
   python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study "$study" \

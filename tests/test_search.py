@@ -150,6 +150,9 @@ def test_front_command_json(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOp
     (["--pack-size", "0"], "--pack-size"),
     (["--proposal-batch", "0"], "--proposal-batch"),
     (["--timeout", "-5"], "--timeout"),
+    (["--n-startup-trials", "-1"], "--n-startup-trials"),
+    (["--objectives", "metric,flops"], "unknown objective"),
+    (["--objectives", "params,memory"], "unknown objective"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device"),
 ])
 def test_bad_search_input_exit_2_nothing_created(flags: list[str], needle: str, tmp_path: Path,
@@ -162,6 +165,21 @@ def test_bad_search_input_exit_2_nothing_created(flags: list[str], needle: str, 
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert "secret" not in err
     assert not (out / "optuna.db").exists()
+
+
+def test_objectives_and_startup_flags_override_the_preset(tmp_path: Path, tiny_backbone_dir: Path,
+                                                         toy: DataOptions) -> None:
+    """Every preset field has a flag: a two-objective study (accuracy vs. params, memory left out) is made
+    with exactly the objectives and random start the flags ask for, and records them for --resume."""
+    out = tmp_path / "runs"
+    assert main(["search", "--task", "file", "--out", str(out), "--backbone", str(tiny_backbone_dir),
+                 "--train", toy.train_file, "--dev", toy.dev_file, "--text-column", "review",
+                 "--label-column", "label", "--objectives", "metric,params", "--n-startup-trials", "1",
+                 "--sampler", "random", "--n-trials", "2", "--max-steps", "2", "--no-tracking"]) == 0
+    study = optuna.load_study(study_name="file", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert study.user_attrs["objectives"] == ["metric", "params"]
+    assert [len(t.values) for t in study.trials] == [2, 2]
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 
 
 def test_max_params_forms() -> None:
