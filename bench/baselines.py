@@ -135,8 +135,11 @@ def study_trial_config(storage: str, study: str, backbone: str, data: DataOption
 
 
 def rescore_run(job: tuple[int, dict, int, TrialConfig, int]) -> dict[str, Any]:
-    """One rescoring run: a front point at the study's fidelity and held-out split, another seed. Top level, so
-    that `--jobs` can run it in another process; a run that fails is a recorded row."""
+    """One rescoring run: a front point at the study's fidelity and held-out size, another seed. The seed also
+    draws the training subset and the held-out split (autopeft.train.trial_splits), so the mean over seeds
+    averages out the luck of the split as well as of the initialisation; every candidate gets the same seeds,
+    so they stay comparable. Top level, so that `--jobs` can run it in another process; a run that fails is a
+    recorded row."""
     number, spec, seed, base, heldout = job
     cfg = dataclasses.replace(base, spec=spec, fidelity=dataclasses.replace(base.fidelity, seed=seed))
     try:
