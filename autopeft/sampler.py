@@ -15,14 +15,19 @@
   warm-started GP fit capped at 75. The space is integer indices relaxed to intervals and rounded
   afterwards, so a finely converged continuous optimum buys little: the discrete selection (256 Sobol points
   and the rounded optimum's neighbours, see `discrete`) does the rest. qLogNEHVI's cost grows with its
-  baseline (one box decomposition of the baseline's front per MC sample, BoTorch's Python code, the largest
-  part of a proposal), so the baseline is pruned to the 16 trials most likely Pareto-optimal. Measured on an
-  idle 2-core machine, 20 dims, 2026-11-30 (bench/search_overhead.py): one fit proposing one configuration
-  4.9 s at 100 trials (median of 5; 5.6 s the same day with the budget before: 4 restarts, 256 raw samples,
-  24 baseline points), 8.9 s for a q-batch of 6, i.e. 1.4 s per trial; on
-  the replay benchmark (bench/sampler_efficiency.py, 10 seeds) the smaller budget did as well: 29 trials to
-  random search's 60-trial hypervolume with 10 of 10 seeds, against 30.5 and 9 of 10. Halving the MC samples
-  as well was faster still but worse on the replay (40.5 trials, 6 of 10 seeds).
+  baseline (one box decomposition of the baseline's front per MC sample), so the baseline is pruned to the 16
+  trials most likely Pareto-optimal, and the decompositions are BoTorch's exact algorithm run in NumPy
+  (`_partitioning_class`: the same cells, several times faster than BoTorch's per-op PyTorch loop, which was
+  2.1 of the 4.9 s a proposal took at 100 trials; now 0.4 of 3.0 s profiled, bench/profile/proposal.py, next
+  to optimize_acqf 1.1, the GP fit 0.8 and the discrete selection 0.55). Why each number: the comments at
+  the constants below. Measured on an idle 2-core machine, 20 dims, 2026-11-30 (bench/search_overhead.py,
+  median of 5 fits): one fit proposing one configuration 2.6 and 2.4 s at 100 trials in two runs
+  (search_overhead_v2- and search_overhead_v2_rerun-cpu-2026-11-30.json; 4.9 and 5.0 s with BoTorch's
+  decomposition, search_overhead- and search_overhead_rerun-cpu-2026-11-30.json), 5.3-5.7 s for a q-batch
+  of 6, i.e. 0.9-1.0 s per trial (was 8.9 s, 1.4 s per trial). The decomposition and the batched
+  raw-sample scoring change no proposal: the 10-seed replay (bench/sampler_efficiency.py) hit the same table
+  rows in every run as before, 29 trials to random search's 60-trial hypervolume with 10 of 10 seeds
+  (sampler_efficiency_v2-cpu-2026-11-30.json, equal to sampler_efficiency-cpu-2026-11-30.json).
 * Reference point: BoTorch's `infer_reference_point` (10% beyond the nadir of the feasible front) rather
   than Optuna's "worst observed", so early fronts do not give zero volume to improvements along one axis.
 * Robustness: a sampler that raises stops `study.optimize` for every worker, whereas DESIGN.md wants a study
@@ -39,6 +44,7 @@ FAILED trials never reach the sampler's model: Optuna passes only COMPLETE (and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -56,13 +62,18 @@ if TYPE_CHECKING:
 SAMPLERS: tuple[str, ...] = ("botorch", "tpe", "nsga2", "random")
 CONSTRAINTS_ATTR = "constraints"
 
-#: Acquisition optimiser budget (see the module docstring for why it is small).
-NUM_RESTARTS = 2
-RAW_SAMPLES = 128
-MC_SAMPLES = 64
-MAX_ITER = 100
-FIT_MAXITER = 75
-MAX_BASELINE = 16  # baseline points kept for qLogNEHVI (see _propose)
+#: Acquisition optimiser budget. Judged on the replay benchmark (bench/sampler_efficiency.py, 10 seeds; target:
+#: random search's 60-trial hypervolume in <= 30 trials, median) and on proposal time (bench/search_overhead.py,
+#: target < 5 s at 100 trials on 2 cores; 2.4-2.6 s with this budget, search_overhead_v2{,_rerun}-cpu-2026-11-30).
+#: 4 restarts from 256 raw samples with a 24-point baseline: 30.5 trials, 9 of 10 seeds, 5.6 s
+#: (sampler_efficiency_raw_samples256_num_restarts4_max_baseline24-, search_overhead_old_budget-cpu-2026-11-30.json);
+#: this budget: 29 trials, 10 of 10 (sampler_efficiency-cpu-2026-11-30.json, and _v2 with the NumPy decomposition).
+NUM_RESTARTS = 2  # L-BFGS starts: the discrete selection, not a converged relaxed optimum, picks the point
+RAW_SAMPLES = 128  # Sobol points scored (in one batch) to pick the starts; 256 (above) bought no replay trials
+MC_SAMPLES = 64  # 32 was worse on the replay: 40.5 trials, 6 of 10 seeds (sampler_efficiency_mc_samples32_...)
+MAX_ITER = 100  # L-BFGS iterations per start, a cap
+FIT_MAXITER = 75  # GP fit iterations; warm-started from the last proposal's fit, so it converges in fewer
+MAX_BASELINE = 16  # baseline points kept for qLogNEHVI (see _propose): its decompositions' cost grows with them
 GREEDY_POOL = 32  # candidates the 2nd..qth point of a q-batch is chosen among (see discrete)
 DISCRETE_POOL = 256  # Sobol points of the discrete selection, beside the rounded optimum's neighbours
 
@@ -187,9 +198,10 @@ class LogNEHVICandidates:
 
     It is an object, not a function, to warm-start the GP: each proposal starts the hyperparameter fit from
     the previous proposal's optimum, which sees one trial less, so the fit converges in fewer iterations than
-    a cold start (the fit is most of a proposal's time). Proposals run on one thread (torch's and the BLAS
-    under scipy's L-BFGS-B): the matrices are at most a few hundred wide, where more threads only add
-    synchronisation, and on a CPU shared with training they oversubscribe it. Measured on 2 loaded cores:
+    a cold start (the fit is about a quarter of a proposal: 0.8 of 3.0 s profiled at 100 trials). Proposals
+    run on one thread (torch's and the BLAS under scipy's L-BFGS-B): the matrices are at most a few hundred
+    wide, where more threads only add synchronisation, and on a CPU shared with training they oversubscribe
+    it. Measured on 2 loaded cores:
     ~3 s per proposal on one thread against 8-30 s with the default two.
     """
 
@@ -222,7 +234,6 @@ class LogNEHVICandidates:
                  bounds: torch.Tensor, pending_x: torch.Tensor | None) -> torch.Tensor:
         import torch
         from botorch.acquisition.logei import qLogNoisyExpectedImprovement
-        from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
         from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
         from botorch.acquisition.multi_objective.utils import prune_inferior_points_multi_objective
         from botorch.acquisition.objective import GenericMCObjective
@@ -264,13 +275,16 @@ class LogNEHVICandidates:
                 model=model, X=x, ref_point=ref_point, objective=kwargs.get("objective"),
                 constraints=kwargs.get("constraints"), num_samples=512,
                 max_frac=min(1.0, MAX_BASELINE / x.shape[0]))
-            acqf = qLogNoisyExpectedHypervolumeImprovement(
+            acqf = _log_nehvi_class()(
                 model=model, ref_point=ref_point.tolist(), X_baseline=baseline, sampler=sampler,
                 X_pending=pending_x, prune_baseline=False, alpha=10 ** (-8 + n_obj) if n_obj > 4 else 0.0, **kwargs)
         unit = torch.stack([torch.zeros_like(bounds[0]), torch.ones_like(bounds[1])])
         candidate, _ = optimize_acqf(acq_function=acqf, bounds=unit, q=1, num_restarts=NUM_RESTARTS,
                                      raw_samples=RAW_SAMPLES,
-                                     options={"batch_limit": NUM_RESTARTS, "maxiter": MAX_ITER})
+                                     # init_batch_limit: the raw samples scored in one call, not NUM_RESTARTS
+                                     # at a time (BoTorch's default: 64 calls, ~0.25 s more at 100 trials)
+                                     options={"batch_limit": NUM_RESTARTS, "init_batch_limit": RAW_SAMPLES,
+                                              "maxiter": MAX_ITER})
         best = unnormalize(candidate.detach(), bounds=bounds)
         if self.canonical is not None and self.search_space is not None:
             try:
@@ -359,6 +373,101 @@ class LogNEHVICandidates:
         self._warm = {k: v.detach().clone() for k, v in model.state_dict().items()
                       if not k.startswith("outcome_transform")}
         return model
+
+
+@functools.cache
+def _log_nehvi_class() -> type:
+    """BoTorch's qLogNEHVI, its exact box decompositions computed by `_partitioning_class` (same cells, same
+    acquisition values, several times faster: see there)."""
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
+
+    partitioning = _partitioning_class()
+
+    class LogNEHVI(qLogNoisyExpectedHypervolumeImprovement):
+        def _set_cell_bounds(self, num_new_points: int) -> None:
+            if self.p_class is FastNondominatedPartitioning:  # alpha 0; an approximate one (alpha > 0) is kept
+                self.p_class = partitioning
+            super()._set_cell_bounds(num_new_points)
+
+    return LogNEHVI
+
+
+@functools.cache
+def _partitioning_class() -> type:
+    """BoTorch's `FastNondominatedPartitioning` (the exact decomposition of the space the front does not dominate,
+    Lacour et al., 2017, and Yang et al., 2019) with its unbatched algorithm run on NumPy arrays by
+    `_local_upper_bounds`: the same steps in the same order, so the same cells in the same order (equal tensors:
+    tests/test_sampler.py checks it on random, tied and duplicated fronts of 3 and 4 objectives).
+
+    Why: qLogNEHVI builds one decomposition per MC sample of the baseline's front, each a Python loop of
+    PyTorch ops on tensors of a few rows, where every op's fixed cost dominates. It was the largest part of a
+    proposal (2.1 of 4.9 s at 100 trials on 2 cores, bench/profile/proposal.py); in NumPy it takes ~0.3-0.4 s.
+    It computes in float64 (the sampler's dtype) and overrides private BoTorch API (`_partition_space` here,
+    `p_class`/`_set_cell_bounds` in `_log_nehvi_class`): tests/test_sampler.py fails if a release changes it."""
+    import numpy as np
+    import torch
+    from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
+
+    class Partitioning(FastNondominatedPartitioning):
+        def _partition_space(self) -> None:
+            if len(self.batch_shape) > 0:  # not reached from qLogNEHVI (one decomposition per sample)
+                return super()._partition_space()
+            tk = {"dtype": self.Y.dtype, "device": self.Y.device}
+            m = self.num_outcomes
+            diag = np.arange(m)
+            # the minimisation problem's local upper bounds, from the reference point (BoxDecomposition)
+            neg_ref = self._neg_ref_point.detach().cpu().numpy().astype(np.float64)
+            z = np.full((1, m, m), -np.inf)
+            z[0, diag, diag] = neg_ref
+            u, z = _local_upper_bounds(self._neg_pareto_Y.detach().cpu().numpy().astype(np.float64),
+                                       neg_ref.reshape(1, m).copy(), z)
+            self.register_buffer("_U", torch.as_tensor(u, **tk))
+            self._Z = torch.as_tensor(z, **tk)
+            # _get_partitioning: -U as the front of a minimisation with reference +inf, then get_partition_bounds
+            z2 = np.broadcast_to(self.ref_point.detach().cpu().numpy().astype(np.float64), (1, m, m)).copy()
+            z2[0, diag, diag] = np.inf
+            u2, z2 = _local_upper_bounds(-u, np.full((1, m), np.inf), z2)
+            self._U2, self._Z2 = torch.as_tensor(u2, **tk), torch.as_tensor(z2, **tk)
+            bounds = np.empty((2, u2.shape[0], m))
+            bounds[0, :, 0] = z2[:, 0, 0]
+            bounds[1, :, 0] = np.inf
+            for j in range(1, m):
+                bounds[0, :, j] = z2[:, :j, j].max(axis=1)
+                bounds[1, :, j] = u2[:, j]
+            empty = (bounds[1] <= bounds[0]).any(axis=-1)
+            self.hypercell_bounds = torch.as_tensor(bounds[:, ~empty], **tk)
+
+    return Partitioning
+
+
+def _local_upper_bounds(front: Any, u: Any, z: Any) -> tuple[Any, Any]:
+    """BoTorch's `update_local_upper_bounds_incremental` (Lacour et al., 2017, Alg. 1; minimisation) on NumPy
+    arrays: `front` n x m new points, `u` k x m local upper bounds, `z` k x m x m their defining points."""
+    import numpy as np
+
+    m = u.shape[-1]
+    for p in front:
+        hit = (u > p).all(axis=-1)
+        if not hit.any():
+            continue
+        a, a_z = u[hit], z[hit]
+        new_u, new_z = [], []
+        for j in range(m):
+            mask = np.arange(m) != j
+            add = p[j] >= a_z[:, mask, j].max(axis=-1)
+            if add.any():
+                u_j = a[add].copy()
+                u_j[:, j] = p[j]
+                new_u.append(u_j)
+                z_j = np.empty((u_j.shape[0], m, m))
+                z_j[:, mask] = a_z[add][:, mask]
+                z_j[:, j] = p
+                new_z.append(z_j)
+        u, z = u[~hit], z[~hit]
+        if new_u:
+            u, z = np.concatenate([u, *new_u]), np.concatenate([z, *new_z])
+    return u, z
 
 
 def random_candidate(bounds: torch.Tensor) -> torch.Tensor:

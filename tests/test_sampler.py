@@ -185,3 +185,48 @@ def test_botorch_q_batch_enqueues_the_rest_of_the_batch_within_the_budget() -> N
 def test_proposal_batch_must_be_positive() -> None:
     with pytest.raises(UserError, match="proposal batch must be >= 1"):
         make_sampler("botorch", 0, 5, constraints=False, n_objectives=3, batch=0)
+
+
+def test_botorch_box_decomposition_equals_botorchs() -> None:
+    """The NumPy decomposition (`_partitioning_class`) must give BoTorch's FastNondominatedPartitioning cells
+    exactly, in the same order: fronts of 3 and 4 objectives, with ties, duplicates, points beyond the reference
+    point and an empty front."""
+    torch = pytest.importorskip("torch")
+    from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
+
+    from autopeft.sampler import _partitioning_class
+
+    ours = _partitioning_class()
+    g = torch.Generator().manual_seed(0)
+    for case in range(60):
+        m, n = (4 if case % 3 == 0 else 3), case % 16
+        y = torch.rand(n, m, generator=g, dtype=torch.double)
+        if case % 4 == 0:
+            y = (y * 4).round() / 4  # ties
+        if case % 5 == 0 and n > 1:
+            y[1] = y[0]
+        ref = torch.full((m,), 0.2 if case % 2 else -0.1, dtype=torch.double)
+        theirs, mine = FastNondominatedPartitioning(ref_point=ref, Y=y), ours(ref_point=ref, Y=y)
+        assert torch.equal(mine.get_hypercell_bounds(), theirs.get_hypercell_bounds()), (case, m, n)
+
+
+def test_botorch_acquisition_equals_botorchs_qlognehvi() -> None:
+    """The acquisition the sampler builds (`_log_nehvi_class`) is BoTorch's qLogNEHVI, value for value."""
+    torch = pytest.importorskip("torch")
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.models import SingleTaskGP
+    from botorch.sampling import SobolQMCNormalSampler
+
+    from autopeft.sampler import _log_nehvi_class, _partitioning_class
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(12, 4, generator=g, dtype=torch.double)
+    y = torch.stack([x.sum(-1), -x[:, 0], (x[:, 1] - 0.5) ** 2], dim=-1)
+    model = SingleTaskGP(x, y).eval()
+    test = torch.rand(5, 2, 4, generator=g, dtype=torch.double)
+    ours, theirs = (cls(model=model, ref_point=[0.0, -1.1, -0.1], X_baseline=x, prune_baseline=False,
+                        sampler=SobolQMCNormalSampler(torch.Size([16]), seed=0))
+                    for cls in (_log_nehvi_class(), qLogNoisyExpectedHypervolumeImprovement))
+    assert all(isinstance(p, _partitioning_class()) for p in ours.partitioning.box_decompositions)
+    assert not isinstance(theirs.partitioning.box_decompositions[0], _partitioning_class())
+    assert torch.equal(ours(test).detach(), theirs(test).detach())
