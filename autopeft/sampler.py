@@ -22,9 +22,10 @@
   to optimize_acqf 1.1, the GP fit 0.8 and the discrete selection 0.55). Why each number: the comments at
   the constants below. Measured on an idle 2-core machine, 20 dims, 2026-11-30 (bench/search_overhead.py,
   median of 5 fits): one fit proposing one configuration 2.6 and 2.4 s at 100 trials in two runs
-  (search_overhead_v2- and search_overhead_v2_rerun-cpu-2026-11-30.json; 4.9 and 5.0 s with BoTorch's
-  decomposition, search_overhead- and search_overhead_rerun-cpu-2026-11-30.json), 5.3-5.7 s for a q-batch
-  of 6, i.e. 0.9-1.0 s per trial (was 8.9 s, 1.4 s per trial). The decomposition and the batched
+  (search_overhead_v2- and search_overhead_v2_rerun-cpu-2026-11-30.json, and 2.5 s in search_overhead-cpu-
+  2026-11-30.json beside a fresh clone's `make search`; 4.9 and 5.0 s with BoTorch's decomposition,
+  search_overhead_botorch_boxes{,_rerun}-cpu-2026-11-30.json), 5.3-6.5 s for a q-batch
+  of 6, i.e. 0.9-1.1 s per trial (was 8.9 s, 1.4 s per trial). The decomposition and the batched
   raw-sample scoring change no proposal: the 10-seed replay (bench/sampler_efficiency.py) hit the same table
   rows in every run as before, 29 trials to random search's 60-trial hypervolume with 10 of 10 seeds
   (sampler_efficiency_v2-cpu-2026-11-30.json, equal to sampler_efficiency-cpu-2026-11-30.json).
