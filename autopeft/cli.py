@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     fid.add_argument("--max-steps", type=int, help="optimizer steps per trial (wins over --epochs)")
     fid.add_argument("--max-length", type=int, help="tokens per example")
     fid.add_argument("--batch-size", type=int)
+    fid.add_argument("--eval-batch-size", type=int, help="batch size of the held-out and dev evaluation")
     fid.add_argument("--lr", type=float, help="one learning rate for every method (default: per-method)")
     fid.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES,
                      help="each trial's training step as a CUDA graph: auto (on CUDA where the model captures, "

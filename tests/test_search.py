@@ -169,15 +169,17 @@ def test_bad_search_input_exit_2_nothing_created(flags: list[str], needle: str, 
 
 def test_objectives_and_startup_flags_override_the_preset(tmp_path: Path, tiny_backbone_dir: Path,
                                                          toy: DataOptions) -> None:
-    """Every preset field has a flag: a two-objective study (accuracy vs. params, memory left out) is made
-    with exactly the objectives and random start the flags ask for, and records them for --resume."""
+    """Every preset field has a flag (the fidelity's too): a two-objective study (accuracy vs. params, memory
+    left out) is made with exactly the objectives, start and fidelity the flags ask for, and records them."""
     out = tmp_path / "runs"
     assert main(["search", "--task", "file", "--out", str(out), "--backbone", str(tiny_backbone_dir),
                  "--train", toy.train_file, "--dev", toy.dev_file, "--text-column", "review",
                  "--label-column", "label", "--objectives", "metric,params", "--n-startup-trials", "1",
-                 "--sampler", "random", "--n-trials", "2", "--max-steps", "2", "--no-tracking"]) == 0
+                 "--sampler", "random", "--n-trials", "2", "--max-steps", "2", "--eval-batch-size", "16",
+                 "--no-tracking"]) == 0
     study = optuna.load_study(study_name="file", storage=f"sqlite:///{out / 'optuna.db'}")
     assert study.user_attrs["objectives"] == ["metric", "params"]
+    assert study.user_attrs["fidelity"]["eval_batch_size"] == 16
     assert [len(t.values) for t in study.trials] == [2, 2]
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
 
