@@ -77,6 +77,59 @@ def time_cuda(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+#: where a profiled step's time goes, by kernel (CUDA) or aten op (CPU) name; the first category that matches wins
+PROFILE_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "attention": ("flash", "fmha", "attention", "sdpa", "softmax"),
+    # AdamW fused or foreach (CUDA: multi_tensor_apply kernels) and clipping's norms; on a CPU, AdamW's
+    # per-tensor ops carry no such name and count as "other"
+    "optimizer": ("adam", "multi_tensor", "foreach", "normops", "linalg_vector_norm", "clip"),
+    "gemm": ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "aten::mm", "aten::bmm", "aten::addmm",
+             "aten::baddbmm"),
+    "copy_cast": ("copy", "cast", "convert", "aten::to", "aten::_to_copy", "aten::clone", "aten::cat",
+                  "index_select", "aten::index"),
+}
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in PROFILE_CATEGORIES.items() if any(k in low for k in keys)), "other")
+
+
+def profile_step(fn: Callable[[], Any], steps: int = 3, top: int = 15, cuda: bool | None = None) -> dict[str, Any]:
+    """Where one step's time goes, per step: device time by category and the top kernels on a GPU (the time
+    the GPU is busy: if it is well under the step's wall time, the step is bound by the host), self time of the
+    aten ops on a CPU. Why: a target missed must be explained by a profile, not guessed; this is that profile,
+    rerunnable from the bench scripts (`--profile`). Run it on an eager step: a CUDA graph's replay hides its
+    kernels from some profiler versions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if cuda is None:  # a step on the GPU (as time_cuda decides)
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    by_cat = dict.fromkeys([*PROFILE_CATEGORIES, "other"], 0.0)
+    ops = []
+    for e in prof.key_averages():
+        if cuda:
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        else:
+            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0.0
+        if us <= 0:
+            continue
+        ms = us / 1e3 / steps
+        by_cat[_category(e.key)] += ms
+        ops.append({"name": e.key[:160], "ms": ms, "calls": e.count / steps, "category": _category(e.key)})
+    ops.sort(key=lambda o: -o["ms"])
+    return {"clock": "device" if cuda else "cpu self", "busy_ms": sum(by_cat.values()),
+            **{f"{c}_ms": v for c, v in by_cat.items()}, "top": ops[:top]}
+
+
 def write_results(bench: str, rows: list[dict], summary: dict[str, float], out_dir: str | Path = "bench/results",
                   notes: str = "", device: torch.device | str | None = None) -> Path:
     """Write bench/results/<bench>-<device>-<YYYY-MM-DD>.json and print the summary last (what a reader of

@@ -56,6 +56,7 @@ _spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.p
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 device_name, time_cuda, write_results = _common.device_name, _common.time_cuda, _common.write_results
+profile_step = _common.profile_step
 
 ALL_MODULES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 HF_TARGETS = {
@@ -307,7 +308,7 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
 
 
 def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, device: torch.device,
-            dtype: torch.dtype, warmup: int, iters: int) -> dict[str, Any]:
+            dtype: torch.dtype, warmup: int, iters: int, profile: bool = False) -> dict[str, Any]:
     from autopeft import kernels
 
     row: dict[str, Any] = {"model": setup.name, "method": name, "kernels": mode, "step_ms": None,
@@ -351,6 +352,8 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
             row["peak_incl_first_mb"] = max(row["peak_incl_first_mb"], peak)
             # a replay allocates nothing: a graphed step's memory is what its capture allocated
             row["peak_mem_mb"] = row["peak_incl_first_mb"] if graphed else peak
+        if profile:  # after the timing and the peak: the profiler's own buffers must not count in either
+            row["profile"] = profile_step(step, cuda=device.type == "cuda")
     except Absent as e:
         row["error"] = f"absent: {e}"
     except Exception as e:  # one failing config must not lose the others' numbers
@@ -492,6 +495,10 @@ def main() -> None:
     ap.add_argument("--cudagraphs", action="store_true",
                     help="run the reduce-overhead (CUDA graphs) arms too; named in --only they run regardless")
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--profile", default="",
+                    help="comma-separated arms to profile after timing them (e.g. floor,ours_lora8_all): device time "
+                         "per step by category (GEMM, attention, optimizer, copies/casts, other) and the top "
+                         "kernels, in the row's `profile`; profile eager arms (a graph's replay hides kernels)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if args.cpu_smoke:
@@ -504,17 +511,23 @@ def main() -> None:
     iters = args.iters or iters
     wanted = {m for m in args.models.split(",") if m}
     only = {m for m in args.only.split(",") if m}
+    profiled = {m for m in args.profile.split(",") if m}
     rows = []
     for setup in model_setups(args.tiny):
         if setup.name not in wanted:
             continue
         chosen = {m for m in args.only_llama.split(",") if m} if setup.name == "llama" and args.only_llama else only
         for name, make, mode in selected(methods(), chosen, args.no_compile, args.cudagraphs):
-            row = run_one(setup, name, make, mode, device, dtype, warmup, iters)
+            row = run_one(setup, name, make, mode, device, dtype, warmup, iters, profile=name in profiled)
             rows.append(row)
             shown = f"{row['step_ms']:.2f} ms" if row["step_ms"] else row["error"]
             first = f"  first step {row['first_step_s']:.1f} s" if row["first_step_s"] is not None else ""
             print(f"{setup.name:8s} {name:26s} {shown}  peak {row['peak_mem_mb'] or 0:.0f} MiB{first}", flush=True)
+            if row.get("profile"):
+                prof = row["profile"]
+                cats = ", ".join(f"{c[:-3]} {v:.1f}" for c, v in prof.items() if c.endswith("_ms") and c != "busy_ms")
+                print(f"{'':8s} {'':26s} profile ({prof['clock']}): busy {prof['busy_ms']:.1f} ms/step: {cats}",
+                      flush=True)
         save(rows, args, device, dtype, wanted, warmup, iters)  # after each model: a cut-off run keeps its numbers
 
 

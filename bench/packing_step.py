@@ -21,6 +21,7 @@ ranks, DoRA, IA3), cycled to `--pack-size`.
 
     python bench/packing_step.py --pack-size 8     # GPU
     python bench/packing_step.py --tiny            # CPU smoke run: tiny BERT, seconds; the numbers mean nothing
+    python bench/packing_step.py --profile         # + where the grouped and unpacked steps' GPU time goes
 
 Writes bench/results/packing_step-<device>-<date>.json (`packing_step_tiny-...` for --tiny) and prints the
 summary last.
@@ -37,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from common import device_name, time_cuda, write_results
+from common import device_name, profile_step, time_cuda, write_results
 from packing import SPECS
 from torch import nn
 
@@ -105,6 +106,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-unpacked", action="store_true", help="leave out the one-trial-at-a-time arm")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny BERT, short rows, few steps")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile the eager arms (grouped, unpacked): device time per step by category "
+                         "(GEMM, attention, optimizer, copies/casts, other) and the top kernels")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if args.tiny:
@@ -206,6 +210,11 @@ def main() -> None:
         if arm == "grouped_graphed":  # a replay runs no Python: the site calls counted are the capture's
             st = graphed["step"]
             row |= {"graph_captures": st.captures, "graph_replays": st.replays, "graph_failure": st.failure}
+        if args.profile and arm in ("grouped", "unpacked"):
+            prof = profile_step(fn, cuda=device.type == "cuda")
+            row["profile"] = prof
+            cats = ", ".join(f"{c[:-3]} {v:.1f}" for c, v in prof.items() if c.endswith("_ms") and c != "busy_ms")
+            print(f"{arm:9s} profile ({prof['clock']}): busy {prof['busy_ms']:.1f} ms/step: {cats}", flush=True)
         rows.append(row)
         print(f"{arm:9s} {ms[arm]:9.1f} ms/step  (site calls per step: {per_step[0]:.0f} grouped, "
               f"{per_step[1]:.0f} per segment; losses finite: {finite})", flush=True)
@@ -229,6 +238,9 @@ def main() -> None:
         summary["pack_tokens_per_s_grouped_graphed"] = k * bs * length / (ms["grouped_graphed"] / 1000)
         if "unpacked" in ms:
             summary["graphed_speedup_vs_unpacked"] = ms["unpacked"] / ms["grouped_graphed"]
+    for row in rows:
+        if "profile" in row:
+            summary |= {f"profile_{row['arm']}_{c}": v for c, v in row["profile"].items() if c.endswith("_ms")}
     what = "tiny BERT (smoke run: the numbers mean nothing)" if args.tiny else "random roberta-large-size BERT"
     notes = (f"{what}; pack of {k} trials (bench/packing.py SPECS, cycled), {bs} rows x {length} tokens each, "
              "bf16 autocast on CUDA; median ms of one training step (forward, backward, per-trial clip + AdamW) "
