@@ -230,3 +230,33 @@ def test_botorch_acquisition_equals_botorchs_qlognehvi() -> None:
     assert all(isinstance(p, _partitioning_class()) for p in ours.partitioning.box_decompositions)
     assert not isinstance(theirs.partitioning.box_decompositions[0], _partitioning_class())
     assert torch.equal(ours(test).detach(), theirs(test).detach())
+
+
+def test_a_botorch_whose_internals_changed_keeps_its_own_decomposition(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """If an installed BoTorch release no longer matches the NumPy decomposition (it overrides private API), the
+    sampler must not lose its proposals: it keeps BoTorch's own decomposition and says so once."""
+    torch = pytest.importorskip("torch")
+    from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
+
+    from autopeft import sampler
+
+    assert sampler.numpy_boxes_match()  # the installed, tested release
+    broken = type("Broken", (FastNondominatedPartitioning,), {"_partition_space": lambda self: 1 / 0})
+    for f in (sampler.numpy_boxes_match, sampler._log_nehvi_class):
+        f.cache_clear()
+    monkeypatch.setattr(sampler, "_partitioning_class", lambda: broken)
+    try:
+        with caplog.at_level("WARNING", logger="autopeft.sampler"):
+            assert not sampler.numpy_boxes_match()
+            cls = sampler._log_nehvi_class()
+        assert "using BoTorch's own" in caplog.text
+        from botorch.models import SingleTaskGP
+
+        x = torch.rand(8, 2, dtype=torch.double)
+        model = SingleTaskGP(x, torch.stack([x.sum(-1), -x[:, 0], -x[:, 1]], -1)).eval()
+        acqf = cls(model=model, ref_point=[0.0, -1.1, -1.1], X_baseline=x, prune_baseline=False)
+        assert type(acqf.partitioning.box_decompositions[0]) is FastNondominatedPartitioning
+    finally:
+        for f in (sampler.numpy_boxes_match, sampler._log_nehvi_class):
+            f.cache_clear()
