@@ -10,11 +10,12 @@ at the same fidelity and seeds: the study chose them on a held-out split of trai
     python bench/baselines.py --storage sqlite:///runs/optuna.db --study glue-sst2 --seeds 0 1 2
 
 `--rescore N` first trains the study's N best front points under `--front-max-pct` again at the study's own
-fidelity and selection split, with the seeds of `--rescore-seeds`, and ranks them by the mean held-out metric
-of those runs and the study's own. Why: a search trial is one seed at a low fidelity, and the front's order
-then owes much to luck (on 2026-11-30 the study's best held-out points, 89.0-90.2, retrained to 87.3-87.7 and
-one configuration's seeds spread by up to 2.3 points). Choosing what to retrain on the mean of a few cheap
-runs costs little next to the full-fidelity retraining. Dev is still never used to choose.
+fidelity and held-out size, with the seeds of `--rescore-seeds` (a seed also draws the split), and ranks them
+by the mean held-out metric of those runs and the study's own. Why: a search trial is one seed at a low
+fidelity, and the front's order then owes much to luck (on 2026-11-30 the study's best held-out points,
+89.0-90.2, retrained to 87.3-87.7 and one configuration's seeds spread by up to 2.3 points). Choosing what to
+retrain on the mean of a few cheap runs costs little next to the full-fidelity retraining. Dev is still never
+used to choose.
 
 Writes bench/results/baselines-<device>-<date>.json and prints the summary last.
 """
@@ -86,22 +87,31 @@ def run_ours(spec: dict, lr: float | None, base: TrialConfig, task: Any, device:
     return run_trial(cfg, task=task, device=str(device), progress=False).metrics.to_dict()
 
 
+def ranked_front(storage: str, study: str, ranking: dict[int, float] | None = None) -> list[Any]:
+    """The study's Pareto front, best held-out metric first; `ranking` (trial number -> rescored mean held-out
+    metric, see --rescore) replaces the study's own value for the trials it holds."""
+    import optuna
+
+    from autopeft.pareto import front_trials
+
+    front = front_trials(optuna.load_study(study_name=study, storage=storage))
+    return sorted(front, key=lambda t: -(ranking or {}).get(t.number, t.values[0]))
+
+
+def under_pct(trials: list[Any], max_pct: float | None) -> list[Any]:
+    """The trials with at most `max_pct` % of the backbone's params trainable (all of them for None)."""
+    return [t for t in trials if max_pct is None or t.user_attrs.get("trainable_pct", 100.0) <= max_pct]
+
+
 def front_specs(storage: str, study: str, top: int, max_pct: float | None,
                 budgets: dict[str, int] | None = None, ranking: dict[int, float] | None = None
                 ) -> list[tuple[str, dict]]:
     """Which front points to retrain: the `top` best held-out metrics under `max_pct` % of params (then the
     rest of the front), plus, for each baseline in `budgets` (name -> its trainable params), the front point
     with the best held-out metric that has no more params than that baseline: the one that could dominate it.
-    `ranking` (trial number -> rescored mean held-out metric, see --rescore) replaces the study's own value for
-    the trials it holds."""
-    import optuna
-
-    from autopeft.pareto import front_trials
-
-    s = optuna.load_study(study_name=study, storage=storage)
-    score = {t.number: (ranking or {}).get(t.number, t.values[0]) for t in front_trials(s)}
-    front = sorted(front_trials(s), key=lambda t: -score[t.number])
-    small = [t for t in front if max_pct is None or t.user_attrs.get("trainable_pct", 100.0) <= max_pct]
+    `ranking`: as in `ranked_front`."""
+    front = ranked_front(storage, study, ranking)
+    small = under_pct(front, max_pct)
     rest = [t for t in front if t not in small]
     chosen = (small + rest)[:top]
     for params in (budgets or {}).values():
@@ -113,14 +123,8 @@ def front_specs(storage: str, study: str, top: int, max_pct: float | None,
 
 def rescore_candidates(storage: str, study: str, n: int, max_pct: float | None) -> list[tuple[int, dict, float]]:
     """The study's `n` best front points under `max_pct` % of params: (trial number, spec, held-out metric)."""
-    import optuna
-
-    from autopeft.pareto import front_trials
-
-    s = optuna.load_study(study_name=study, storage=storage)
-    front = sorted(front_trials(s), key=lambda t: -t.values[0])
-    small = [t for t in front if max_pct is None or t.user_attrs.get("trainable_pct", 100.0) <= max_pct]
-    return [(t.number, t.user_attrs["spec"], t.values[0]) for t in small[:n]]
+    return [(t.number, t.user_attrs["spec"], t.values[0])
+            for t in under_pct(ranked_front(storage, study), max_pct)[:n]]
 
 
 def study_trial_config(storage: str, study: str, backbone: str, data: DataOptions) -> tuple[TrialConfig, int]:

@@ -130,6 +130,13 @@ def profile_step(fn: Callable[[], Any], steps: int = 3, top: int = 15, cuda: boo
             **{f"{c}_ms": v for c, v in by_cat.items()}, "top": ops[:top]}
 
 
+def format_profile(prof: dict[str, Any]) -> str:
+    """`profile_step`'s figures on one line, for the bench scripts' logs."""
+    cats = ", ".join(f"{c.removesuffix('_ms')} {v:.1f}" for c, v in prof.items()
+                     if c.endswith("_ms") and c != "busy_ms")
+    return f"profile ({prof['clock']}): busy {prof['busy_ms']:.1f} ms/step: {cats}"
+
+
 def write_results(bench: str, rows: list[dict], summary: dict[str, float], out_dir: str | Path = "bench/results",
                   notes: str = "", device: torch.device | str | None = None) -> Path:
     """Write bench/results/<bench>-<device>-<YYYY-MM-DD>.json and print the summary last (what a reader of

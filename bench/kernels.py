@@ -56,7 +56,7 @@ _spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.p
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 device_name, time_cuda, write_results = _common.device_name, _common.time_cuda, _common.write_results
-profile_step = _common.profile_step
+profile_step, format_profile = _common.profile_step, _common.format_profile
 
 ALL_MODULES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 HF_TARGETS = {
@@ -524,10 +524,7 @@ def main() -> None:
             first = f"  first step {row['first_step_s']:.1f} s" if row["first_step_s"] is not None else ""
             print(f"{setup.name:8s} {name:26s} {shown}  peak {row['peak_mem_mb'] or 0:.0f} MiB{first}", flush=True)
             if row.get("profile"):
-                prof = row["profile"]
-                cats = ", ".join(f"{c[:-3]} {v:.1f}" for c, v in prof.items() if c.endswith("_ms") and c != "busy_ms")
-                print(f"{'':8s} {'':26s} profile ({prof['clock']}): busy {prof['busy_ms']:.1f} ms/step: {cats}",
-                      flush=True)
+                print(f"{'':8s} {'':26s} {format_profile(row['profile'])}", flush=True)
         save(rows, args, device, dtype, wanted, warmup, iters)  # after each model: a cut-off run keeps its numbers
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from common import device_name, profile_step, time_cuda, write_results
+from common import device_name, format_profile, profile_step, time_cuda, write_results
 from packing import SPECS
 from torch import nn
 
@@ -211,10 +211,8 @@ def main() -> None:
             st = graphed["step"]
             row |= {"graph_captures": st.captures, "graph_replays": st.replays, "graph_failure": st.failure}
         if args.profile and arm in ("grouped", "unpacked"):
-            prof = profile_step(fn, cuda=device.type == "cuda")
-            row["profile"] = prof
-            cats = ", ".join(f"{c[:-3]} {v:.1f}" for c, v in prof.items() if c.endswith("_ms") and c != "busy_ms")
-            print(f"{arm:9s} profile ({prof['clock']}): busy {prof['busy_ms']:.1f} ms/step: {cats}", flush=True)
+            row["profile"] = profile_step(fn, cuda=device.type == "cuda")
+            print(f"{arm:9s} {format_profile(row['profile'])}", flush=True)
         rows.append(row)
         print(f"{arm:9s} {ms[arm]:9.1f} ms/step  (site calls per step: {per_step[0]:.0f} grouped, "
               f"{per_step[1]:.0f} per segment; losses finite: {finite})", flush=True)
