@@ -269,6 +269,14 @@ class PeftSpec:
             out |= {f"bitfit.{i}": int(b) for i, b in enumerate(self.bitfit)}
         return out
 
+    def adapted_layers(self) -> tuple[int, ...]:
+        """The layers any method touches, in order. Why: how many layers a configuration adapts is what its
+        accuracy, params and memory move with most (the per-layer insertion of AutoPEFT's space), and what a
+        study's statistics are grouped by (bench/study_stats.py)."""
+        per_layer = [*self.lora.values(), self.serial_adapter, self.parallel_adapter, self.prefix,
+                     *self.ia3.values(), self.bitfit]
+        return tuple(i for i in range(self.num_layers) if any(i < len(v) and v[i] for v in per_layer))
+
     def summary(self) -> str:
         """A short human label, e.g. 'lora(q:8,v:8) + serial_adapter(16x6)'."""
         parts = []

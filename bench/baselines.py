@@ -270,6 +270,9 @@ def main() -> None:
         rescored = run_all(rescore_run, [(n, spec | {"num_layers": num_layers}, seed, study_base, heldout)
                                          for n, spec, _ in candidates for seed in args.rescore_seeds], args.jobs)
         ranking = rescored_means(candidates, rescored)
+        own = {number: value for number, _, value in candidates}
+        for r in rescored:  # beside each rerun, the study's own run of that configuration
+            r["study_heldout_metric"] = own[r["trial"]]
         print("rescored (mean held-out): " + ", ".join(f"trial {n} {v:.4f}" for n, v in
                                                        sorted(ranking.items(), key=lambda kv: -kv[1])), flush=True)
     if args.storage:

@@ -1,5 +1,6 @@
 """What a finished study measured about itself: trials complete and failed, and its wall clock from the first trial's
-start to the last trial's end, as Optuna stored them; trials per hour of that wall clock.
+start to the last trial's end, as Optuna stored them; trials per hour of that wall clock; and its complete trials by
+the number of layers they adapt (how many, how many the sampler chose, median held-out and dev metrics).
 
 The study's own timestamps are the measurement, so this can run anywhere after the fact (the GPU machine's study
 file is copied back): `--device` names the machine the study ran on, and the result is dated by the study's first
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import optuna
+
+from autopeft.spec import PeftSpec
 
 
 def stats(db: str, study_name: str) -> dict:
@@ -35,7 +39,26 @@ def stats(db: str, study_name: str) -> dict:
             reasons[why] = reasons.get(why, 0) + 1
     return {"start": start.isoformat(), "end": end.isoformat(), "wall_s": round(wall, 1),
             "trials": {k: v for k, v in by_state.items() if v}, "fail_reasons": reasons,
-            "complete_per_hour": round(by_state["complete"] / wall * 3600, 1)}
+            "complete_per_hour": round(by_state["complete"] / wall * 3600, 1),
+            "by_adapted_layers": by_layers(study, trials)}
+
+
+def by_layers(study: optuna.Study, trials: list) -> dict[str, dict[str, float]]:
+    """Complete trials grouped by how many layers they adapt: how many, how many the sampler chose (after the
+    random start points), and their median held-out metric (the study's objective 0) and dev metric. Why: where
+    a study spends its trials, and what that costs in accuracy, is what explains a front (README, issue 9)."""
+    start = study.user_attrs.get("search_options", {}).get("n_startup_trials", 0)
+    groups: dict[int, list] = {}
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE and "spec" in t.user_attrs:
+            groups.setdefault(len(PeftSpec.from_dict(t.user_attrs["spec"]).adapted_layers()), []).append(t)
+    out = {}
+    for n, ts in sorted(groups.items()):
+        dev = [t.user_attrs["dev_metric"] for t in ts if t.user_attrs.get("dev_metric") is not None]
+        out[str(n)] = {"complete": len(ts), "chosen_by_sampler": sum(t.number >= start for t in ts),
+                       "median_heldout": statistics.median(t.values[0] for t in ts),
+                       "median_dev": statistics.median(dev) if dev else None}
+    return out
 
 
 def main() -> None:

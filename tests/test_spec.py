@@ -26,6 +26,14 @@ def test_zero_means_off() -> None:
     assert spec.is_empty() and spec.summary() == "none (head only)"
 
 
+def test_adapted_layers_are_the_union_over_methods() -> None:
+    spec = PeftSpec.from_dict({"lora": {"rank": {"q": {1: 8}}}, "prefix": {"length": {4: 3}},
+                               "ia3": {"v": {2: True}}, "bitfit": {1: True}}, num_layers=6)
+    assert spec.adapted_layers() == (1, 2, 4)
+    assert PeftSpec.from_dict({}, num_layers=6).adapted_layers() == ()
+    assert PeftSpec.from_dict({"serial_adapter": 16}, num_layers=3).adapted_layers() == (0, 1, 2)
+
+
 @pytest.mark.parametrize(("spec", "needle"), [
     ({"lora": {"rank": {"q": -1}}}, "negative"),
     ({"lora": {"rank": {"query": 8}}}, "unknown key"),

@@ -1,0 +1,32 @@
+"""bench/study_stats.py: a finished study's trials grouped by the layers they adapt (README's issue-9 figures)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_trials_are_grouped_by_adapted_layers_with_the_samplers_share(tmp_path: Path) -> None:
+    from study_stats import stats
+
+    db = tmp_path / "optuna.db"
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{db}", directions=["maximize", "minimize"])
+    study.set_user_attr("search_options", {"n_startup_trials": 2})
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    one = {"num_layers": 3, "lora": {"rank": {"q": [0, 8, 0]}}}
+    two = {"num_layers": 3, "lora": {"rank": {"q": [8, 0, 0]}}, "bitfit": [False, False, True]}
+    for i, (spec, acc, dev) in enumerate([(two, 0.80, 0.70), (one, 0.70, 0.60), (one, 0.74, 0.64),
+                                          (one, 0.90, None), (two, 0.86, 0.80)]):
+        study.add_trial(optuna.trial.create_trial(params={"x": i}, distributions=dist, values=[acc, 1e4],
+                                                  user_attrs={"spec": spec, "dev_metric": dev}))
+    study.add_trial(optuna.trial.create_trial(params={"x": 9}, distributions=dist,
+                                              state=optuna.trial.TrialState.FAIL, user_attrs={"spec": two}))
+    by = stats(str(db), "s")["by_adapted_layers"]
+    assert by == {"1": {"complete": 3, "chosen_by_sampler": 2, "median_heldout": 0.74, "median_dev": 0.62},
+                  "2": {"complete": 2, "chosen_by_sampler": 1, "median_heldout": pytest.approx(0.83),
+                        "median_dev": pytest.approx(0.75)}}
