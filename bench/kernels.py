@@ -512,6 +512,11 @@ def main() -> None:
     wanted = {m for m in args.models.split(",") if m}
     only = {m for m in args.only.split(",") if m}
     profiled = {m for m in args.profile.split(",") if m}
+    known = {name for name, _, _ in methods()}
+    for flag, names in (("--only", only), ("--only-llama", set(args.only_llama.split(","))), ("--profile", profiled)):
+        if names - known - {""}:
+            ap.error(f"{flag}: unknown arm(s) {', '.join(sorted(names - known - {''}))}; the arms are "
+                     f"{', '.join(sorted(known))}")
     rows = []
     for setup in model_setups(args.tiny):
         if setup.name not in wanted:
