@@ -11,6 +11,7 @@
 # for a study constrained to the <= 1% region), TIMEOUT (none; seconds after which no trial starts), OBJECTIVES (the
 # preset's; e.g. metric,params), FRONT_TOP (5),
 # STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out),
+# WORKERS (4: worker processes, spread round robin over the visible GPUs; e.g. 8 on two GPUs),
 # RESCORE (none; N = rank the N best front points under 1% by reruns at the study's fidelity first, see baselines.py).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
 set -uo pipefail
@@ -29,14 +30,14 @@ if [[ " $steps " == *" search "* ]]; then
   [ -n "${TIMEOUT:-}" ] && extra+=(--timeout "$TIMEOUT")
   [ -n "${OBJECTIVES:-}" ] && extra+=(--objectives "$OBJECTIVES")
   autopeft search --task glue/sst2 --backbone "$backbone" --out "$runs" --no-tracking --study "$study" \
-    --n-trials "${N_TRIALS:-200}" --workers 4 "${extra[@]}" 2>&1 | grep -v -i warn >>"$out/search_$study.log"
+    --n-trials "${N_TRIALS:-200}" --workers "${WORKERS:-4}" "${extra[@]}" 2>&1 | grep -v -i warn >>"$out/search_$study.log"
   python - "$runs/optuna.db" "$out/optuna-$study.db" <<'PY'
 import sqlite3, sys
 src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2]); src.backup(dst); dst.close()
 PY
   python bench/study_stats.py "$out/optuna-$study.db" --study "$study" --device "$(python -c \
     'import sys; sys.path.insert(0, "bench"); from common import device_name; print(device_name())')" --out "$out" \
-    --notes "autopeft search --workers 4 --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }${OBJECTIVES:+--objectives $OBJECTIVES }(bench/gpu_long_study.sh)"
+    --notes "autopeft search --workers ${WORKERS:-4} --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }${OBJECTIVES:+--objectives $OBJECTIVES }(bench/gpu_long_study.sh)"
 fi
 if [[ " $steps " == *" front "* ]]; then
   python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study "$study" \
