@@ -168,14 +168,37 @@ def rescored_means(candidates: list[tuple[int, dict, float]], runs: list[dict[st
 
 def run_all(fn: Any, jobs: list[Any], workers: int) -> list[Any]:
     """`fn` over `jobs`, in `workers` processes when more than one (runs are host-bound at MiniLM size: several
-    processes share one GPU well)."""
+    processes share one GPU well), spread round robin over the visible GPUs."""
     if workers <= 1:
         return [fn(j) for j in jobs]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    ctx = mp.get_context("spawn")
+    gpus = gpu_ids()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu,
+                             initargs=(ctx.Value("i", 0), gpus)) as pool:
         return list(pool.map(fn, jobs))
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (none without CUDA)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _pin_gpu(counter: Any, gpus: list[str]) -> None:
+    """A pool process's GPU: the next of `gpus` in turn, set before the process touches CUDA (spawned)."""
+    if len(gpus) < 2:
+        return
+    with counter.get_lock():
+        i = counter.value
+        counter.value += 1
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
 
 
 def reused_rows(path: str) -> list[dict[str, Any]]:
@@ -244,7 +267,8 @@ def main() -> None:
     ap.add_argument("--reuse", help="an earlier baselines-*.json at the same fidelity: its baseline rows fill the "
                                      "table where this run skips them (--only / --front-only)")
     ap.add_argument("--front-only", action="store_true", help="train only the study's front points")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one GPU shared)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each in its own process (round robin over the visible GPUs)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if args.rescore < 0 or (args.rescore and not args.storage):

@@ -113,21 +113,44 @@ def profile_step(fn: Callable[[], Any], steps: int = 3, top: int = 15, cuda: boo
             fn()
         if cuda:
             torch.cuda.synchronize()
+    if cuda:
+        rows = device_rows(prof.events())
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
+    return summarize_profile(rows, steps, top, clock="device" if cuda else "cpu self")
+
+
+def device_rows(events: Any) -> list[tuple[str, float, int]]:
+    """(name, µs, calls) per name of what the GPU itself ran: kernels, copies, memsets. Only device-side events:
+    the CPU-side aten op that launched a kernel carries that kernel's time too (its self device time), so
+    summing every event of `key_averages()` counts each kernel twice (the 2026-11-30 profiles did: "busy"
+    came to about twice the step's device time)."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        row = totals.setdefault(e.name, [0.0, 0])
+        row[0] += e.time_range.elapsed_us()
+        row[1] += 1
+    return [(name, us, int(n)) for name, (us, n) in totals.items()]
+
+
+def summarize_profile(rows: list[tuple[str, float, int]], steps: int, top: int = 15, clock: str = "device"
+                      ) -> dict[str, Any]:
+    """Per-step totals by category and the `top` heaviest names, from (name, µs over all steps, calls)."""
     by_cat = dict.fromkeys([*PROFILE_CATEGORIES, "other"], 0.0)
     ops = []
-    for e in prof.key_averages():
-        if cuda:
-            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        else:
-            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0.0
+    for name, us, count in rows:
         if us <= 0:
             continue
         ms = us / 1e3 / steps
-        by_cat[_category(e.key)] += ms
-        ops.append({"name": e.key[:160], "ms": ms, "calls": e.count / steps, "category": _category(e.key)})
+        by_cat[_category(name)] += ms
+        ops.append({"name": name[:160], "ms": ms, "calls": count / steps, "category": _category(name)})
     ops.sort(key=lambda o: -o["ms"])
-    return {"clock": "device" if cuda else "cpu self", "busy_ms": sum(by_cat.values()),
-            **{f"{c}_ms": v for c, v in by_cat.items()}, "top": ops[:top]}
+    return {"clock": clock, "busy_ms": sum(by_cat.values()), **{f"{c}_ms": v for c, v in by_cat.items()},
+            "top": ops[:top]}
 
 
 def format_profile(prof: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,3 +62,22 @@ def test_reuse_takes_only_baseline_rows(tmp_path: Path) -> None:
     path = tmp_path / "baselines-x.json"
     path.write_text(json.dumps({"rows": rows}))
     assert [r["name"] for r in reused_rows(str(path))] == ["hf_ia3"]
+
+
+def test_pool_processes_take_the_visible_gpus_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--jobs N` on a machine of several GPUs spreads the runs over all of them, not N on the first."""
+    import multiprocessing as mp
+
+    from baselines import _pin_gpu, gpu_ids
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpu_ids() == ["2", "3"]
+    counter = mp.get_context("spawn").Value("i", 0)
+    seen = []
+    for _ in range(3):
+        _pin_gpu(counter, ["2", "3"])
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["2", "3", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    _pin_gpu(counter, ["5"])  # one GPU: left as it is
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"

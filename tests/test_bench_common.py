@@ -41,3 +41,26 @@ def test_profile_splits_a_step_and_names_its_heaviest_ops() -> None:
     assert prof["gemm_ms"] > prof["other_ms"] > 0
     top = prof["top"][0]
     assert top["name"] == "aten::mm" and top["calls"] == 4 and top["category"] == "gemm"
+
+
+def test_a_gpu_profile_counts_each_kernel_once() -> None:
+    """The aten op that launches a kernel carries the kernel's time as its own device time; only the
+    device-side event may count, or "busy" doubles (it did in the first GPU profiles)."""
+    from common import device_rows, summarize_profile
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(i: int, name: str, start: int, end: int, device: DeviceType) -> FunctionEvent:
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start, end_us=end, device_type=device)
+
+    events = [event(0, "aten::mm", 0, 50, DeviceType.CPU),  # the launch, on the host
+              event(1, "nvjet_sm90_tst_256x128", 10, 310, DeviceType.CUDA),  # the GEMM it launched, 300 µs
+              event(2, "aten::mm", 60, 90, DeviceType.CPU),
+              event(3, "nvjet_sm90_tst_256x128", 320, 620, DeviceType.CUDA),
+              event(4, "direct_copy_kernel_cuda", 700, 800, DeviceType.CUDA)]
+    rows = device_rows(events)
+    assert sorted(rows) == [("direct_copy_kernel_cuda", 100.0, 1), ("nvjet_sm90_tst_256x128", 600.0, 2)]
+    prof = summarize_profile(rows, steps=2)
+    assert prof["busy_ms"] == pytest.approx(0.35)  # (600 + 100) µs over 2 steps
+    assert prof["gemm_ms"] == pytest.approx(0.3) and prof["copy_cast_ms"] == pytest.approx(0.05)
+    assert prof["top"][0] == {"name": "nvjet_sm90_tst_256x128", "ms": 0.3, "calls": 1.0, "category": "gemm"}
