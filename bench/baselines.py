@@ -88,14 +88,24 @@ def run_ours(spec: dict, lr: float | None, base: TrialConfig, task: Any, device:
 
 
 def ranked_front(storage: str, study: str, ranking: dict[int, float] | None = None) -> list[Any]:
-    """The study's Pareto front, best held-out metric first; `ranking` (trial number -> rescored mean held-out
-    metric, see --rescore) replaces the study's own value for the trials it holds."""
+    """The study's Pareto front, best held-out metric first, each configuration once; `ranking` (trial number ->
+    rescored mean held-out metric, see --rescore) replaces the study's own value for the trials it holds."""
     import optuna
 
     from autopeft.pareto import front_trials
 
     front = front_trials(optuna.load_study(study_name=study, storage=storage))
-    return sorted(front, key=lambda t: -(ranking or {}).get(t.number, t.values[0]))
+    ranked = sorted(front, key=lambda t: -(ranking or {}).get(t.number, t.values[0]))
+    # one configuration once: a study that proposed it twice has two front points of one spec (the front table's
+    # "165 (= 186)"), and rescoring or retraining both would spend the runs on one configuration
+    seen: set[str] = set()
+    unique = []
+    for t in ranked:
+        key = json.dumps(t.user_attrs.get("spec"), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return unique
 
 
 def under_pct(trials: list[Any], max_pct: float | None) -> list[Any]:

@@ -11,7 +11,8 @@
 # for a study constrained to the <= 1% region), TIMEOUT (none; seconds after which no trial starts), OBJECTIVES (the
 # preset's; e.g. metric,params), FRONT_TOP (5),
 # STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out),
-# WORKERS (4: worker processes, spread round robin over the visible GPUs; e.g. 8 on two GPUs),
+# JOBS (8: front runs at a time), WORKERS (4: search worker processes; e.g. 8 on two GPUs), both spread round robin
+# over the visible GPUs,
 # RESCORE (none; N = rank the N best front points under 1% by reruns at the study's fidelity first, see baselines.py).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
 set -uo pipefail
@@ -41,6 +42,6 @@ PY
 fi
 if [[ " $steps " == *" front "* ]]; then
   python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study "$study" \
-    --front-top "${FRONT_TOP:-5}" ${RESCORE:+--rescore "$RESCORE"} ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs 8 --out "$out" 2>&1 \
+    --front-top "${FRONT_TOP:-5}" ${RESCORE:+--rescore "$RESCORE"} ${reuse:+--front-only --reuse "$reuse"} --seeds 0 1 2 --jobs "${JOBS:-8}" --out "$out" 2>&1 \
     | grep -v -i warn | tail -40
 fi

@@ -81,3 +81,14 @@ def test_pool_processes_take_the_visible_gpus_in_turn(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     _pin_gpu(counter, ["5"])  # one GPU: left as it is
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+def test_a_configuration_the_study_ran_twice_is_retrained_once(storage: str) -> None:
+    from baselines import front_specs, rescore_candidates
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    twin = study.trials[1]  # the same spec again, equal on every objective: a second front point
+    study.add_trial(optuna.trial.create_trial(params={"x": 9}, distributions=twin.distributions,
+                                              values=twin.values, user_attrs=twin.user_attrs))
+    assert [n for n, _, _ in rescore_candidates(storage, "s", 5, 1.0)] == [0, 1, 2]
+    assert [n for n, _ in front_specs(storage, "s", 5, 1.0)] == [f"autopeft_trial{i}" for i in (0, 1, 2, 3)]
