@@ -91,10 +91,17 @@ def ranked_front(storage: str, study: str, ranking: dict[int, float] | None = No
     """The study's Pareto front, best held-out metric first, each configuration once; `ranking` (trial number ->
     rescored mean held-out metric, see --rescore) replaces the study's own value for the trials it holds."""
     import optuna
+    from optuna.trial import TrialState
 
-    from autopeft.pareto import front_trials
+    from autopeft.pareto import front_trials, is_feasible
 
-    front = front_trials(optuna.load_study(study_name=study, storage=storage))
+    loaded = optuna.load_study(study_name=study, storage=storage)
+    if len(loaded.directions) == 1:
+        # one objective (`--objectives metric`, best accuracy under --max-params): its front is the single best
+        # trial, but what to rescore and retrain are the best few, so every feasible complete trial is ranked
+        front = [t for t in loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
+    else:
+        front = front_trials(loaded)
     ranked = sorted(front, key=lambda t: -(ranking or {}).get(t.number, t.values[0]))
     # one configuration once: a study that proposed it twice has two front points of one spec (the front table's
     # "165 (= 186)"), and rescoring or retraining both would spend the runs on one configuration

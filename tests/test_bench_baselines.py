@@ -92,3 +92,19 @@ def test_a_configuration_the_study_ran_twice_is_retrained_once(storage: str) -> 
                                               values=twin.values, user_attrs=twin.user_attrs))
     assert [n for n, _, _ in rescore_candidates(storage, "s", 5, 1.0)] == [0, 1, 2]
     assert [n for n, _ in front_specs(storage, "s", 5, 1.0)] == [f"autopeft_trial{i}" for i in (0, 1, 2, 3)]
+
+
+def test_a_single_objective_study_ranks_all_its_feasible_trials(tmp_path: Path) -> None:
+    """`--objectives metric --max-params 1%` has a front of one trial; rescoring wants its best few."""
+    from baselines import rescore_candidates
+
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    study = optuna.create_study(study_name="one", storage=url, direction="maximize")
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    for i, (acc, feasible) in enumerate([(0.88, True), (0.91, False), (0.90, True), (0.87, True)]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": i}, distributions=dist, values=[acc],
+            user_attrs={"spec": {"lora": {"rank": {"q": i + 1}}}, "trainable_pct": 0.5,
+                        "constraints": [-1.0 if feasible else 5.0]},
+            system_attrs={"constraints": [-1.0 if feasible else 5.0]}))
+    assert [n for n, _, _ in rescore_candidates(url, "one", 2, 1.0)] == [2, 0]
