@@ -499,8 +499,25 @@ def main() -> None:
                     help="comma-separated arms to profile after timing them (e.g. floor,ours_lora8_all): device time "
                          "per step by category (GEMM, attention, optimizer, copies/casts, other) and the top "
                          "kernels, in the row's `profile`; profile eager arms (a graph's replay hides kernels)")
+    ap.add_argument("--sdpa", choices=SDPA_BACKENDS, default=None,
+                    help="run every arm with only this attention backend of PyTorch's SDPA (default: PyTorch picks); "
+                         "written as kernels_sdpa_<name>-*.json. Why: to see whether a graph capture changes the "
+                         "backend PyTorch picks (the graphed Llama floor ran 8%% slower than the eager one)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    if args.sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, args.sdpa.upper())):
+            return run(ap, args)
+    return run(ap, args)
+
+
+#: --sdpa choices: names of torch.nn.attention.SDPBackend members, lower case
+SDPA_BACKENDS = ("cudnn_attention", "flash_attention", "efficient_attention", "math")
+
+
+def run(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cpu_smoke:
         args.tiny = args.quick = True
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
@@ -537,7 +554,8 @@ def save(rows: list[dict], args: argparse.Namespace, device: torch.device, dtype
          warmup: int, iters: int) -> None:
     summary = summarize(rows)
     shapes = ", ".join(f"{s.name} {s.batch}x{s.seq}" for s in model_setups(args.tiny) if s.name in wanted)
-    write_results("kernels" + ("-tiny" if args.tiny else ""), rows, summary, out_dir=args.out, device=device,
+    write_results("kernels" + (f"_sdpa_{args.sdpa}" if args.sdpa else "") + ("-tiny" if args.tiny else ""), rows,
+                  summary, out_dir=args.out, device=device,
                   notes=f"one training step (fwd+bwd+AdamW), median of {iters} after {warmup} warm-up; "
                         f"random weights, {str(dtype).removeprefix('torch.')}; {shapes}; "
                         f"floor = frozen backbone with grad to inputs_embeds; device {device_name(device)}; "
@@ -547,7 +565,8 @@ def save(rows: list[dict], args: argparse.Namespace, device: torch.device, dtype
                         f"autopeft.cuda_graphs.GraphedStep (hand-captured fwd+loss+bwd, no compile), "
                         f"ratio_to_graphed_floor = over floor_graphed, peak_mem_mb of a graphed arm includes "
                         f"its capture"
-                        + (f"; compiled arms on backend {SMOKE_BACKEND} (smoke run)" if SMOKE_BACKEND else ""))
+                        + (f"; compiled arms on backend {SMOKE_BACKEND} (smoke run)" if SMOKE_BACKEND else "")
+                        + (f"; attention: SDPA backend {args.sdpa} only (--sdpa)" if args.sdpa else ""))
 
 
 if __name__ == "__main__":
