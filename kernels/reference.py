@@ -23,19 +23,37 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 
 def _add_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """y + scaling * xa @ B^T as one GEMM accumulating into y (cuBLAS beta=1): no separate scale and add
-    kernels, forward or backward, which is most of the cost of LoRA at encoder sizes (launch-bound)."""
+    """y + scaling * xa @ B^T as one GEMM accumulating into a copy of y (cuBLAS beta=1), for any `y`: no
+    separate scale and add kernels, forward or backward, which is most of the cost of LoRA at encoder sizes
+    (launch-bound). Where `y` is a linear's own fresh output, `_accumulate_low_rank` saves the copy."""
     out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.t(), alpha=scaling)
     return out.view(y.shape)
+
+
+def _accumulate_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`_add_low_rank` in place: y (M, out) += scaling * xa (M, r) @ B^T, with `y` the fresh 2-D output of a
+    linear, which no backward reads. An out-of-place `addmm` first copies all of `y` into its result (on CUDA
+    a device-to-device memcpy of the (M, out) activation): on an H200 at Llama-1.1B size that was 4.5 ms of a
+    130 ms step, one copy per LoRA linear (bench/results/kernels_llama_profile-h200-2026-11-30.json, "Memcpy
+    DtoD"). `y` must not be a view (of a 3-D linear output, say): autograd would then route the in-place
+    update through its view machinery (CopySlices, as_strided), which copies in backward instead; so the
+    callers run their linears on 2-D inputs and shape the result afterwards. Autocast does not cover in-place
+    ops, so the (rank-sized) operands are cast to y's dtype here, as autocast's own `addmm` would."""
+    return y.addmm_(xa.to(y.dtype), B.t().to(y.dtype), alpha=scaling)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
                 scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """y = x W^T + b + scaling * dropout(x) A^T B^T, with A (r, in) and B (out, r) as in HF PEFT."""
-    y = F.linear(x, _cast(w, x), _cast(b, x))
-    xd = F.dropout(x, dropout, training) if dropout and training else x
+    x2 = _rows(x)
+    y = F.linear(x2, _cast(w, x), _cast(b, x))
+    xd = F.dropout(x2, dropout, training) if dropout and training else x2
     xa = F.linear(xd, _cast(A, x))
-    return _add_low_rank(y, xa, _cast(B, xa), scaling)
+    return _accumulate_low_rank(y, xa, _cast(B, xa), scaling).view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], As: list[torch.Tensor],
@@ -46,10 +64,14 @@ def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Te
     with `split`, whose backward is a single concatenation of the parts' gradients (slicing would zero-fill
     and copy a full-width buffer per part). Each part then goes through exactly `lora_linear`'s epilogue.
     """
-    xa = F.linear(x, _cast(torch.cat(As, 0), x))
+    x2 = _rows(x)
+    xa = F.linear(x2, _cast(torch.cat(As, 0), x))
     parts = xa.split([a.shape[0] for a in As], -1)
-    return [_add_low_rank(F.linear(x, _cast(w, x), _cast(b, x)), part, _cast(bb, part), s)
-            for w, b, part, bb, s in zip(ws, bs, parts, Bs, scalings, strict=True)]
+    outs = []
+    for w, b, part, bb, s in zip(ws, bs, parts, Bs, scalings, strict=True):
+        y = _accumulate_low_rank(F.linear(x2, _cast(w, x), _cast(b, x)), part, _cast(bb, part), s)
+        outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+    return outs
 
 
 def dora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
@@ -58,9 +80,10 @@ def dora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: tor
     w_eff = w.to(torch.float32) + scaling * (B.to(torch.float32) @ A.to(torch.float32))
     norm = w_eff.norm(p=2, dim=1).detach()
     scale = (magnitude.to(torch.float32) / norm).to(x.dtype)
-    xa = F.linear(x, _cast(A, x))
-    y = _add_low_rank(F.linear(x, _cast(w, x)), xa, _cast(B, xa), scaling)
-    y = y * scale.to(y.dtype)
+    x2 = _rows(x)
+    xa = F.linear(x2, _cast(A, x))
+    y = _accumulate_low_rank(F.linear(x2, _cast(w, x)), xa, _cast(B, xa), scaling)
+    y = (y * scale.to(y.dtype)).view(*x.shape[:-1], y.shape[-1])
     return y + _cast(b, x) if b is not None else y
 
 
