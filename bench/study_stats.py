@@ -6,7 +6,7 @@ The study's own timestamps are the measurement, so this can run anywhere after t
 file is copied back): `--device` names the machine the study ran on, and the result is dated by the study's first
 trial, not by today.
 
-    python bench/study_stats.py bench/data/optuna-glue-sst2-long-h200-2026-11-29.db --study glue-sst2-long \\
+    python bench/study_stats.py bench/data/optuna-glue-sst2-long-h200-2026-11-29.db.gz --study glue-sst2-long \\
         --device h200 --notes "4 workers on one H200, bench/gpu_long_study.sh"
 
 Writes bench/results/study_<study>-<device>-<date>.json and prints the summary last.
@@ -26,6 +26,18 @@ from autopeft.spec import PeftSpec
 
 
 def stats(db: str, study_name: str) -> dict:
+    """`db`: the study's SQLite file, or that file gzipped (how bench/data keeps the larger ones, so that the tree
+    still fits what travels to a GPU machine)."""
+    if db.endswith(".gz"):
+        import gzip
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = Path(tmp) / "optuna.db"
+            with gzip.open(db, "rb") as src, plain.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+            return stats(str(plain), study_name)
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{Path(db).resolve()}")
     trials = study.get_trials(deepcopy=False)
     start = min(t.datetime_start for t in trials if t.datetime_start)
@@ -63,7 +75,7 @@ def by_layers(study: optuna.Study, trials: list) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("db", help="the study's SQLite file (optuna.db)")
+    ap.add_argument("db", help="the study's SQLite file (optuna.db), or that file gzipped (.db.gz)")
     ap.add_argument("--study", required=True)
     ap.add_argument("--device", required=True, help="the machine the study ran on, e.g. h200")
     ap.add_argument("--notes", default="")
