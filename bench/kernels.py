@@ -235,6 +235,10 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     # the trainer's CUDA graphs (no compile): the models are the eager arms' own, only the step differs
     out += [("floor_graphed", _floor, None), ("hf_lora8_all_graphed", _hf_lora(8, "all"), None)]
     out += [(f"ours_{key}_graphed", _ours(OUR_SPECS[key]), "auto") for key in GRAPHED_SPECS]
+    # LoRA through autopeft.kernels.accumulate (its own backward, no separate gradient add), eager and graphed:
+    # what decides whether "auto" should take it (kernels.AUTO_ACCUMULATE)
+    out += [("ours_acc_lora8_all", _ours(OUR_SPECS["lora8_all"]), "accumulate"),
+            ("ours_acc_lora8_all_graphed", _ours(OUR_SPECS["lora8_all"]), "accumulate")]
     return out
 
 
@@ -478,7 +482,7 @@ def _best_floor_summary(summary: dict[str, float], by: dict[tuple[str, str], dic
     best = min(floors)
     summary[f"{name}_best_floor_ms"] = best
     for key, method in (("lora_r8_all", "ours_lora8_all"), ("adapter64", "ours_serial64"), ("ia3", "ours_ia3"),
-                        ("hf_peft_lora_r8_all", "hf_lora8_all")):
+                        ("hf_peft_lora_r8_all", "hf_lora8_all"), ("acc_lora_r8_all", "ours_acc_lora8_all")):
         steps = [v for v in (ms(method), ms(f"{method}{GRAPHED}")) if v]
         if steps:
             summary[f"{name}_{key}_x_best_floor"] = min(steps) / best

@@ -1,7 +1,8 @@
 """Fused adapter ops (`autopeft.kernels`): Triton kernels on CUDA, their PyTorch references elsewhere.
 
-Every public op has one signature for both paths. "off" always uses the reference; "on" insists on Triton
-(on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels). "auto" (the trainer's default)
+Every public op has one signature for every path. "off" always uses the reference; "on" insists on Triton
+(on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels); "accumulate" sends LoRA to
+`accumulate` (the reference's GEMMs, its own backward). "auto" (the trainer's default)
 picks, per op, the path that measured faster on an H100 (bench/kernels.py, bench/results/kernels-*.json):
 today that is the reference for every op. At encoder sizes a step is launch-bound, and our Triton GEMM with
 the low-rank epilogue costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it
@@ -25,11 +26,17 @@ from typing import Any
 
 import torch
 
-from autopeft.kernels import reference
+from autopeft.kernels import accumulate, reference
 
-MODES = ("auto", "on", "off")
+MODES = ("auto", "on", "off", "accumulate")
 #: ops that "auto" runs through Triton on CUDA (empty until a kernel beats the reference in bench/kernels.py)
 AUTO_TRITON: frozenset[str] = frozenset()
+#: the ops `accumulate` implements: the reference's GEMMs with a backward that sums each input gradient in the
+#: frozen GEMM's epilogue instead of in autograd's separate add. Mode "accumulate" runs them so (any device);
+#: "auto" runs the ones in AUTO_ACCUMULATE so on CUDA (empty until bench/kernels.py's ours_acc_* arms beat the
+#: reference on a GPU: written 2026-11-30 when no GPU time was left, not yet measured there)
+ACCUMULATE_OPS: frozenset[str] = frozenset({"lora_linear", "lora_linear_multi"})
+AUTO_ACCUMULATE: frozenset[str] = frozenset()
 _mode = "auto"
 
 
@@ -61,6 +68,14 @@ def _use_triton(x: torch.Tensor, name: str) -> bool:
     return name in AUTO_TRITON and x.is_cuda and triton_available()
 
 
+def _use_accumulate(x: torch.Tensor, name: str) -> bool:
+    """Mode "accumulate", or "auto" on CUDA for AUTO_ACCUMULATE; never while compiling under "auto" (a compiled
+    step stays the reference, whose plain ops inductor fuses itself)."""
+    if _mode == "accumulate":
+        return name in ACCUMULATE_OPS
+    return _mode == "auto" and name in AUTO_ACCUMULATE and x.is_cuda and not torch.compiler.is_compiling()
+
+
 def _dispatch(name: str) -> Callable[..., Any]:
     ref = getattr(reference, name)
 
@@ -71,6 +86,8 @@ def _dispatch(name: str) -> Callable[..., Any]:
             fn = getattr(fused, name, None)
             if fn is not None:
                 return fn(x, *args, **kwargs)
+        if _use_accumulate(x, name):
+            return getattr(accumulate, name)(x, *args, **kwargs)
         return ref(x, *args, **kwargs)
 
     op.__name__ = name
@@ -84,5 +101,5 @@ dora_linear = _dispatch("dora_linear")
 bottleneck_adapter = _dispatch("bottleneck_adapter")
 ia3_linear = _dispatch("ia3_linear")
 
-__all__ = ["MODES", "bottleneck_adapter", "dora_linear", "ia3_linear", "kernels_mode", "lora_linear",
+__all__ = ["MODES", "accumulate", "bottleneck_adapter", "dora_linear", "ia3_linear", "kernels_mode", "lora_linear",
            "lora_linear_multi", "reference", "set_kernels", "triton_available"]

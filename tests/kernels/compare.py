@@ -38,11 +38,11 @@ def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 
 
 def check_op(name: str, args: list[Any], kwargs: dict[str, Any], dtype: torch.dtype, seed: int,
-             unused_outputs: tuple[int, ...] = ()) -> None:
-    """Run op `name` fused and in the fp64 reference; compare the output and the gradient of every input that
-    requires one. The reference sees the inputs rounded to `dtype` (what the fused op computes with), so the
-    comparison measures the kernel's own error, not the input rounding."""
-    fused_out = getattr(kernels, name)(*args, **kwargs)
+             unused_outputs: tuple[int, ...] = (), fn: Callable[..., Any] | None = None) -> None:
+    """Run op `name` fused (or `fn`, another implementation of it) and in the fp64 reference; compare the output
+    and the gradient of every input that requires one. The reference sees the inputs rounded to `dtype` (what
+    the fused op computes with), so the comparison measures the kernel's own error, not the input rounding."""
+    fused_out = (fn or getattr(kernels, name))(*args, **kwargs)
 
     def to_ref(t: torch.Tensor) -> torch.Tensor:
         r = t.detach().to(dtype).double() if t.is_floating_point() else t.detach()
