@@ -20,19 +20,22 @@ def test_unknown_arm_is_one_line_exit_2(flag: str, tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
-def _load_kernels_bench():
+def _load_kernels_bench(monkeypatch: pytest.MonkeyPatch):
+    """bench/kernels.py as a module. It takes its own folder off sys.path when imported (see its top), which
+    the other bench tests rely on: sys.path and sys.modules are restored after the test."""
     import importlib.util
 
+    monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_kernels"] = mod  # its dataclasses look their module up
+    monkeypatch.setitem(sys.modules, "bench_kernels", mod)  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_ratios_over_the_best_floor_take_each_sides_faster_way() -> None:
+def test_ratios_over_the_best_floor_take_each_sides_faster_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """An eager floor slowed by its host must not flatter a graphed arm: figures of one H200 run, 2026-11-30."""
-    kb = _load_kernels_bench()
+    kb = _load_kernels_bench(monkeypatch)
     rows = [{"model": "roberta", "method": m, "step_ms": v} for m, v in
             [("floor", 26.78), ("floor_graphed", 28.23), ("ours_lora8_all", 87.84), ("ours_lora8_all_graphed", 38.27),
              ("ours_ia3", 40.0)]]
