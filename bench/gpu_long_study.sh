@@ -13,6 +13,8 @@
 # STEPS ("search front"; run one per device call when both do not fit in one), RUNS (the study's --out),
 # JOBS (8: front runs at a time), WORKERS (4: search worker processes; e.g. 8 on two GPUs), both spread round robin
 # over the visible GPUs,
+# HELDOUT (the preset's 500: examples of the selection split carved from train; a larger one lowers the noise of
+# choosing among the front's best points, see the README's evidence section),
 # RESCORE (none; N = rank the N best front points under 1% by reruns at the study's fidelity first, see baselines.py).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
 set -uo pipefail
@@ -30,6 +32,7 @@ if [[ " $steps " == *" search "* ]]; then
   [ -n "${MAX_PARAMS:-}" ] && extra+=(--max-params "$MAX_PARAMS")
   [ -n "${TIMEOUT:-}" ] && extra+=(--timeout "$TIMEOUT")
   [ -n "${OBJECTIVES:-}" ] && extra+=(--objectives "$OBJECTIVES")
+  [ -n "${HELDOUT:-}" ] && extra+=(--heldout-examples "$HELDOUT")
   autopeft search --task glue/sst2 --backbone "$backbone" --out "$runs" --no-tracking --study "$study" \
     --n-trials "${N_TRIALS:-200}" --workers "${WORKERS:-4}" "${extra[@]}" 2>&1 | grep -v -i warn >>"$out/search_$study.log"
   python - "$runs/optuna.db" "$out/optuna-$study.db" <<'PY'
@@ -38,7 +41,7 @@ src = sqlite3.connect(sys.argv[1]); dst = sqlite3.connect(sys.argv[2]); src.back
 PY
   python bench/study_stats.py "$out/optuna-$study.db" --study "$study" --device "$(python -c \
     'import sys; sys.path.insert(0, "bench"); from common import device_name; print(device_name())')" --out "$out" \
-    --notes "autopeft search --workers ${WORKERS:-4} --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }${OBJECTIVES:+--objectives $OBJECTIVES }(bench/gpu_long_study.sh)"
+    --notes "autopeft search --workers ${WORKERS:-4} --n-trials ${N_TRIALS:-200} ${MAX_PARAMS:+--max-params $MAX_PARAMS }${OBJECTIVES:+--objectives $OBJECTIVES }${HELDOUT:+--heldout-examples $HELDOUT }(bench/gpu_long_study.sh)"
 fi
 if [[ " $steps " == *" front "* ]]; then
   python bench/baselines.py --backbone "$backbone" --storage "sqlite:///$runs/optuna.db" --study "$study" \
