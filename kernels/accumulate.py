@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from autopeft.kernels import reference
+from autopeft.kernels.lora_grads import lora_multi_grads
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -67,28 +68,8 @@ class _LoraMulti(torch.autograd.Function):
         x2, xa, a_cat, *rest = ctx.saved_tensors
         ws, Bs_c = rest[:n], rest[n:]
         needs = ctx.needs_input_grad  # x, n, ws..., bs..., As..., Bs..., scalings...
-        gbias, gA, gB = [None] * n, [None] * n, [None] * n
-        terms, low, rows = [], [], []  # (g, w) of the frozen GEMMs; g B and the A rows of the low-rank terms
-        start = 0
-        for i in range(n):
-            r = ctx.ranks[i]
-            g = grads[i]
-            if g is None:
-                start += r
-                continue
-            g = g.reshape(-1, g.shape[-1]).to(x2.dtype)
-            gb = g @ Bs_c[i]  # (M, r)
-            a_dtype, b_dtype, bias_dtype = ctx.dtypes[i]
-            if needs[2 + n + i] and bias_dtype is not None:  # BitFit trains the base bias alongside LoRA
-                gbias[i] = g.sum(0, dtype=torch.float32).to(bias_dtype)
-            if needs[2 + 2 * n + i]:
-                gA[i] = (ctx.scalings[i] * (gb.t() @ x2)).to(a_dtype)
-            if needs[2 + 3 * n + i]:
-                gB[i] = (g.t() @ xa[:, start:start + r]).to(b_dtype)
-            terms.append((g, ws[i]))
-            low.append(gb)
-            rows.append(a_cat[start:start + r])
-            start += r
+        gbias, gA, gB, terms, low, rows = lora_multi_grads(grads, needs, x2, xa, a_cat, ws, Bs_c, ctx.ranks,
+                                                          ctx.scalings, ctx.dtypes)
         gx = None
         if needs[0] and terms:
             # every low-rank term as one (M, sum r) @ (sum r, in) product, then each frozen GEMM accumulates

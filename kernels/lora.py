@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from autopeft.kernels.gemm import AUX_BEFORE_SCALE, AUX_NONE, fused_gemm, lowrank_row_norm
+from autopeft.kernels.lora_grads import lora_multi_grads
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -104,26 +105,9 @@ class _LoraLinearMulti(torch.autograd.Function):
         x2, xa, a_cat, *rest = ctx.saved_tensors
         ws, As, Bs = rest[:n], rest[n:2 * n], rest[2 * n:]
         needs = ctx.needs_input_grad
-        gbs, gAs, gBs = [None] * n, [None] * n, [None] * n
-        gs, gbs_low, a_rows = [], [], []
-        start = 0
-        for i in range(n):
-            r = As[i].shape[0]
-            if grads[i] is None:  # an output that did not reach the loss
-                start += r
-                continue
-            g = _flat(grads[i]).to(x2.dtype)
-            gb = g @ Bs[i].to(g.dtype)
-            if needs[2 + n + i] and ctx.b_dtypes[i] is not None:
-                gbs[i] = g.sum(0, dtype=torch.float32).to(ctx.b_dtypes[i])
-            if needs[2 + 2 * n + i]:
-                gAs[i] = (ctx.scalings[i] * (gb.t() @ x2)).to(As[i].dtype)
-            if needs[2 + 3 * n + i]:
-                gBs[i] = (g.t() @ xa[:, start:start + r]).to(Bs[i].dtype)
-            gs.append((g, ws[i]))
-            gbs_low.append(gb)
-            a_rows.append(a_cat[start:start + r])
-            start += r
+        dtypes = [(a.dtype, b.dtype, bias) for a, b, bias in zip(As, Bs, ctx.b_dtypes, strict=True)]
+        gbs, gAs, gBs, gs, gbs_low, a_rows = lora_multi_grads(grads, needs, x2, xa, a_cat, ws, Bs,
+                                                              [a.shape[0] for a in As], ctx.scalings, dtypes)
         gx = None
         if needs[0] and gs:
             # every projection's low-rank input gradient as one (M, sum r) @ (sum r, in) product in the first
