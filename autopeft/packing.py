@@ -84,7 +84,7 @@ from torch import nn
 from autopeft import kernels
 from autopeft.cuda_graphs import GraphedStep, StaticGradients, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
-from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast
+from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast, compute_dtype
 from autopeft.models import architecture_of, get_layers, resolve_backbone
 from autopeft.peft import inject
 from autopeft.peft.linear import PeftLinear
@@ -332,12 +332,6 @@ class _GatheredBmm(torch.autograd.Function):
         return (g if ctx.has_acc else None), gx, gw, None, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a GEMM on x runs in: autocast's, when it is on."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _slice(t: torch.Tensor | None, start: int, stop: int, rows: int) -> torch.Tensor | None:
     """Rows [start, stop) of a per-example tensor; a tensor broadcast over the batch (dim 0 of 1) stays whole."""
     if t is None or t.dim() == 0 or t.shape[0] != rows:
@@ -481,7 +475,7 @@ class PackedLinear(nn.Module):
             x = (x.reshape(chunks, -1, shape[-1]) * _rows(st["ia3_in"].leaf.to(x.dtype), idx)).view(shape)
         x_dtype = x.dtype
         if autocast:  # one cast of x that the base GEMM and x A^T share (autocast would cast it for each)
-            x = x.to(_compute_dtype(x))
+            x = x.to(compute_dtype(x))
         z = F.linear(x, _cast(self.base_layer.weight, x), None if self.own_bias else _cast(self.base_layer.bias, x))
         dtype = z.dtype
         if autocast and not self.in_place:
@@ -839,7 +833,7 @@ class _AdapterSite:
                     p[name].used |= present
             inp = y if p["kind"] == "serial" else x.reshape(chunks, -1, x.shape[-1])
             if autocast:
-                inp = inp.to(_compute_dtype(inp))
+                inp = inp.to(compute_dtype(inp))
             down, down_bias, up_t, up_bias = (p[n].leaf for n in self.WEIGHTS)
             h = p["activation"](_chunk_bmm(_rows(down_bias.to(inp.dtype), idx), inp, down, idx, transpose=True))
             up = _chunk_bmm(_rows(up_bias.to(h.dtype), idx), h, up_t, idx)

@@ -568,10 +568,19 @@ def worker_envs(n: int, device: str | None) -> list[dict[str, str]]:
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if not cuda:
         return [{**base, "CUDA_VISIBLE_DEVICES": ""} for _ in range(n)]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = ([g for g in visible.split(",") if g.strip()] if visible
-            else [str(i) for i in range(torch.cuda.device_count())])
+    gpus = visible_gpus()
     return [{**base, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (all of the machine's when it is unset,
+    none without CUDA): what worker processes are spread over, one each in turn."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def spawn_workers(opts: Any, storage_url: str, n: int, *, echo: Callable[[str], None] = print,

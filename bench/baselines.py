@@ -191,21 +191,13 @@ def run_all(fn: Any, jobs: list[Any], workers: int) -> list[Any]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from autopeft.worker import visible_gpus
+
     ctx = mp.get_context("spawn")
-    gpus = gpu_ids()
+    gpus = visible_gpus()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu,
                              initargs=(ctx.Value("i", 0), gpus)) as pool:
         return list(pool.map(fn, jobs))
-
-
-def gpu_ids() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (none without CUDA)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g for g in visible.split(",") if g.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def _pin_gpu(counter: Any, gpus: list[str]) -> None:

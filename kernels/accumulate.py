@@ -25,15 +25,7 @@ import torch.nn.functional as F
 
 from autopeft.kernels import reference
 from autopeft.kernels.lora_grads import lora_multi_grads
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _opt(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+from autopeft.kernels.reference import _cast, _rows, compute_dtype
 
 
 class _LoraMulti(torch.autograd.Function):
@@ -42,9 +34,9 @@ class _LoraMulti(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, n: int, *flat: Any) -> tuple[torch.Tensor, ...]:
         ws, bs, As, Bs, scalings = (list(flat[i * n:(i + 1) * n]) for i in range(5))
-        dt = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        dt = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):  # so `_cast` casts to x2's dtype below
+            x2 = _rows(x).to(dt)
             a_cat = torch.cat([a * s for a, s in zip(As, scalings, strict=True)], 0).to(dt)  # rank-sized
             xa = x2 @ a_cat.t()  # one read of x for every linear sharing it, already scaled
             ws_c = [w.to(dt) for w in ws]
@@ -52,7 +44,7 @@ class _LoraMulti(torch.autograd.Function):
             outs, start = [], 0
             for w, bias, B in zip(ws_c, bs, Bs_c, strict=True):
                 r = B.shape[1]
-                y = F.linear(x2, w, _opt(bias, dt)).addmm_(xa[:, start:start + r], B.t())
+                y = F.linear(x2, w, _cast(bias, x2)).addmm_(xa[:, start:start + r], B.t())
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
                 start += r
         ctx.save_for_backward(x2, xa, a_cat, *ws_c, *Bs_c)

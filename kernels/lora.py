@@ -15,10 +15,7 @@ import torch
 
 from autopeft.kernels.gemm import AUX_BEFORE_SCALE, AUX_NONE, fused_gemm, lowrank_row_norm
 from autopeft.kernels.lora_grads import lora_multi_grads
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+from autopeft.kernels.reference import _rows
 
 
 def _param_grad(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -29,7 +26,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, scaling: float, dropout: float, training: bool) -> torch.Tensor:
-        x2 = _flat(x)
+        x2 = _rows(x)
         a_s = (A * scaling).to(x.dtype)  # rank-sized: folding the scaling here is free
         mask = None
         xd = x2
@@ -50,7 +47,7 @@ class _LoraLinear(torch.autograd.Function):
         xd, w, A, B, xa, mask = ctx.saved_tensors
         need_x, _, need_b, need_a, need_bb = ctx.needs_input_grad[:5]  # w never: trained weights go to the reference
         s = ctx.scaling
-        g = _flat(grad).to(xd.dtype)
+        g = _rows(grad).to(xd.dtype)
         gx = gw = gbias = ga = gB = None
         gb = g @ B.to(g.dtype) if (need_x or need_a) else None  # (M, r)
         if need_x:
@@ -84,7 +81,7 @@ class _LoraLinearMulti(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, n: int, *flat: Any) -> tuple[torch.Tensor, ...]:
         ws, bs, As, Bs, scalings = (list(flat[i * n:(i + 1) * n]) for i in range(5))
-        x2 = _flat(x)
+        x2 = _rows(x)
         a_cat = torch.cat([(a * s).to(x.dtype) for a, s in zip(As, scalings)], 0)
         xa = x2 @ a_cat.t()  # one read of x for every projection sharing it
         outs, start = [], 0
@@ -138,7 +135,7 @@ class _DoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor,
                 B: torch.Tensor, magnitude: torch.Tensor, scaling: float) -> torch.Tensor:
-        x2 = _flat(x)
+        x2 = _rows(x)
         norm = lowrank_row_norm(w, B, A, scaling)  # detached, as in the paper and HF PEFT
         col = magnitude.to(torch.float32) / norm
         a_s = (A * scaling).to(x.dtype)
@@ -157,7 +154,7 @@ class _DoraLinear(torch.autograd.Function):
         x2, w, A, B, xa, col, norm, z = ctx.saved_tensors
         need_x, _, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         s = ctx.scaling
-        g = _flat(grad).to(x2.dtype)
+        g = _rows(grad).to(x2.dtype)
         gx = gbias = ga = gB = gm = None
         gb = g @ (B * col[:, None]).to(g.dtype) if (need_x or need_a) else None  # (g ⊙ col) B, (M, r)
         if need_x:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from autopeft.kernels.reference import _rows
+
 #: per linear: (A's dtype, B's dtype, its bias's dtype or None)
 Dtypes = Sequence[tuple[torch.dtype, torch.dtype, torch.dtype | None]]
 
@@ -34,7 +36,7 @@ def lora_multi_grads(grads: Sequence[torch.Tensor | None], needs: Sequence[bool]
         if grads[i] is None:  # an output that did not reach the loss
             start += r
             continue
-        g = grads[i].reshape(-1, grads[i].shape[-1]).to(x2.dtype)
+        g = _rows(grads[i]).to(x2.dtype)
         gb = g @ Bs[i].to(g.dtype)  # (M, r)
         a_dtype, b_dtype, bias_dtype = dtypes[i]
         if needs[2 + n + i] and bias_dtype is not None:  # BitFit trains the base bias alongside LoRA

@@ -22,6 +22,12 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return t.to(like.dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on x runs in: autocast's, when it is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _add_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y + scaling * xa @ B^T as one GEMM accumulating into a copy of y (cuBLAS beta=1), for any `y`: no
     separate scale and add kernels, forward or backward, which is most of the cost of LoRA at encoder sizes

@@ -68,10 +68,12 @@ def test_pool_processes_take_the_visible_gpus_in_turn(monkeypatch: pytest.Monkey
     """`--jobs N` on a machine of several GPUs spreads the runs over all of them, not N on the first."""
     import multiprocessing as mp
 
-    from baselines import _pin_gpu, gpu_ids
+    from baselines import _pin_gpu
+
+    from autopeft.worker import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert gpu_ids() == ["2", "3"]
+    assert visible_gpus() == ["2", "3"]
     counter = mp.get_context("spawn").Value("i", 0)
     seen = []
     for _ in range(3):
