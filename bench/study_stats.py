@@ -25,6 +25,10 @@ import optuna
 from autopeft.spec import PeftSpec
 
 
+class NoStudy(Exception):
+    """The database holds no study of the name asked for."""
+
+
 def stats(db: str, study_name: str) -> dict:
     """`db`: the study's SQLite file, or that file gzipped (how bench/data keeps the larger ones, so that the tree
     still fits what travels to a GPU machine)."""
@@ -38,7 +42,10 @@ def stats(db: str, study_name: str) -> dict:
             with gzip.open(db, "rb") as src, plain.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
             return stats(str(plain), study_name)
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{Path(db).resolve()}")
+    try:
+        study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{Path(db).resolve()}")
+    except KeyError:  # Optuna's answer for a name the storage does not hold
+        raise NoStudy(study_name) from None
     trials = study.get_trials(deepcopy=False)
     start = min(t.datetime_start for t in trials if t.datetime_start)
     end = max(t.datetime_complete for t in trials if t.datetime_complete)
@@ -81,8 +88,13 @@ def main() -> None:
     ap.add_argument("--notes", default="")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    if not Path(args.db).is_file():  # else SQLite would create an empty database there
+        ap.error(f"{args.db}: no such file; give the study's optuna.db (or .db.gz)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    row = stats(args.db, args.study)
+    try:
+        row = stats(args.db, args.study)
+    except NoStudy:
+        ap.error(f"{args.db} holds no study named {args.study!r}; pass the name `autopeft search --study` gave it")
     date = row["start"][:10]
     summary = {"wall_s": row["wall_s"], "complete": row["trials"].get("complete", 0),
                "failed": row["trials"].get("fail", 0), "complete_per_hour": row["complete_per_hour"]}

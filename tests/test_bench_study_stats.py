@@ -37,3 +37,20 @@ def test_trials_are_grouped_by_adapted_layers_with_the_samplers_share(tmp_path: 
     assert by == {"1": {"complete": 3, "chosen_by_sampler": 2, "median_heldout": 0.74, "median_dev": 0.62},
                   "2": {"complete": 2, "chosen_by_sampler": 1, "median_heldout": pytest.approx(0.83),
                         "median_dev": pytest.approx(0.75)}}
+
+
+def test_a_missing_file_or_study_is_one_line_exit_2_and_writes_nothing(tmp_path: Path) -> None:
+    import gzip
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "study_stats.py"
+    db = tmp_path / "optuna.db"
+    optuna.create_study(study_name="s", storage=f"sqlite:///{db}")
+    gz = tmp_path / "optuna.db.gz"
+    gz.write_bytes(gzip.compress(db.read_bytes()))
+    for path, study, says in ((tmp_path / "none.db.gz", "s", "no such file"),
+                              (db, "t", f"{db} holds no study named 't'"), (gz, "t", f"{gz} holds no study named")):
+        done = subprocess.run([sys.executable, str(script), str(path), "--study", study, "--device", "h200",
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and says in done.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "none.db.gz").exists()
