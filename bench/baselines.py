@@ -17,6 +17,11 @@ fidelity, and the front's order then owes much to luck (on 2026-11-30 the study'
 retrain on the mean of a few cheap runs costs little next to the full-fidelity retraining. Dev is still never
 used to choose.
 
+`--study A B` (one storage for all, or one `--storage` per study) retrains several studies into one table, e.g.
+one study per parameter budget (`autopeft search --objectives metric --max-params 16898` for the best
+configuration within IA3's size beside one within 1%): a user who needs a point under a budget asks for it, and
+the dominance count is then over every study's points. Rows are named autopeft_STUDY_trialN.
+
 Writes bench/results/baselines-<device>-<date>.json and prints the summary last.
 """
 
@@ -120,13 +125,19 @@ def under_pct(trials: list[Any], max_pct: float | None) -> list[Any]:
     return [t for t in trials if max_pct is None or t.user_attrs.get("trainable_pct", 100.0) <= max_pct]
 
 
+def point_name(number: int, study: str | None = None, kind: str = "autopeft") -> str:
+    """A front point's row name. The study is named only when several studies are retrained in one table
+    (`--study A B`): their trial numbers collide."""
+    return f"{kind}_{study}_trial{number}" if study else f"{kind}_trial{number}"
+
+
 def front_specs(storage: str, study: str, top: int, max_pct: float | None,
-                budgets: dict[str, int] | None = None, ranking: dict[int, float] | None = None
-                ) -> list[tuple[str, dict]]:
+                budgets: dict[str, int] | None = None, ranking: dict[int, float] | None = None,
+                label: str | None = None) -> list[tuple[str, dict]]:
     """Which front points to retrain: the `top` best held-out metrics under `max_pct` % of params (then the
     rest of the front), plus, for each baseline in `budgets` (name -> its trainable params), the front point
     with the best held-out metric that has no more params than that baseline: the one that could dominate it.
-    `ranking`: as in `ranked_front`."""
+    `ranking`: as in `ranked_front`; `label`: as in `point_name`."""
     front = ranked_front(storage, study, ranking)
     small = under_pct(front, max_pct)
     rest = [t for t in front if t not in small]
@@ -135,7 +146,7 @@ def front_specs(storage: str, study: str, top: int, max_pct: float | None,
         under = [t for t in front if t.user_attrs.get("trainable_params", math.inf) <= params]
         if under and under[0] not in chosen:
             chosen.append(under[0])
-    return [(f"autopeft_trial{t.number}", t.user_attrs["spec"]) for t in chosen]
+    return [(point_name(t.number, label), t.user_attrs["spec"]) for t in chosen]
 
 
 def rescore_candidates(storage: str, study: str, n: int, max_pct: float | None) -> list[tuple[int, dict, float]]:
@@ -155,30 +166,33 @@ def study_trial_config(storage: str, study: str, backbone: str, data: DataOption
     return cfg, int(attrs["selection"]["examples"])
 
 
-def rescore_run(job: tuple[int, dict, int, TrialConfig, int]) -> dict[str, Any]:
+def rescore_run(job: tuple[int, dict, int, TrialConfig, int, str | None]) -> dict[str, Any]:
     """One rescoring run: a front point at the study's fidelity and held-out size, another seed. The seed also
     draws the training subset and the held-out split (autopeft.train.trial_splits), so the mean over seeds
     averages out the luck of the split as well as of the initialisation; every candidate gets the same seeds,
     so they stay comparable. Top level, so that `--jobs` can run it in another process; a run that fails is a
     recorded row."""
-    number, spec, seed, base, heldout = job
+    number, spec, seed, base, heldout, label = job
+    name = point_name(number, label, kind="rescore")
     cfg = dataclasses.replace(base, spec=spec, fidelity=dataclasses.replace(base.fidelity, seed=seed))
     try:
         task = base.data.load(base.task)
         m = run_trial(cfg, task=task, select="heldout", heldout_fraction=heldout / len(task.train),
                       device=str(pick_device()), progress=False).metrics
-        print(f"rescore trial {number} seed {seed}: held-out {m.metric:.4f}", flush=True)
-        return {"name": f"rescore_trial{number}", "trial": number, "seed": seed, "heldout_metric": m.metric}
+        print(f"{name} seed {seed}: held-out {m.metric:.4f}", flush=True)
+        return {"name": name, "study": label, "trial": number, "seed": seed, "heldout_metric": m.metric}
     except Exception as e:
-        print(f"rescore trial {number} seed {seed}: ERROR {type(e).__name__}: {e}", flush=True)
-        return {"name": f"rescore_trial{number}", "trial": number, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+        print(f"{name} seed {seed}: ERROR {type(e).__name__}: {e}", flush=True)
+        return {"name": name, "study": label, "trial": number, "seed": seed, "error": f"{type(e).__name__}: {e}"}
 
 
-def rescored_means(candidates: list[tuple[int, dict, float]], runs: list[dict[str, Any]]) -> dict[int, float]:
-    """Trial number -> mean of the study's held-out metric and every successful rescoring run of it."""
+def rescored_means(candidates: list[tuple[int, dict, float]], runs: list[dict[str, Any]],
+                   label: str | None = None) -> dict[int, float]:
+    """Trial number -> mean of the study's held-out metric and every successful rescoring run of it (the runs
+    of study `label` only, when several studies were rescored together)."""
     values = {number: [own] for number, _, own in candidates}
     for r in runs:
-        if "heldout_metric" in r and r["trial"] in values:
+        if "heldout_metric" in r and r["trial"] in values and r.get("study") == label:
             values[r["trial"]].append(r["heldout_metric"])
     return {number: statistics.mean(v) for number, v in values.items()}
 
@@ -264,8 +278,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--storage", help="the study's storage URL (front points are retrained)")
-    ap.add_argument("--study", default="glue-sst2")
+    ap.add_argument("--storage", nargs="+", default=[],
+                    help="the study's storage URL (front points are retrained); one per --study, or one for all")
+    ap.add_argument("--study", nargs="+", default=["glue-sst2"],
+                    help="several: each study's points are rescored and retrained into one table, named "
+                         "autopeft_STUDY_trialN (e.g. one study per parameter budget, `autopeft search --max-params`)")
     ap.add_argument("--front-top", type=int, default=4)
     ap.add_argument("--front-max-pct", type=float, default=1.0)
     ap.add_argument("--rescore", type=int, default=0, metavar="N",
@@ -282,6 +299,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.rescore < 0 or (args.rescore and not args.storage):
         ap.error("--rescore N needs N >= 0 and a study (--storage, --study) whose front points it reruns")
+    if len(args.storage) not in (0, 1, len(args.study)):
+        ap.error(f"--storage takes one URL for all studies or one per --study: got {len(args.storage)} URLs for "
+                 f"{len(args.study)} studies")
+    sources = list(zip(args.storage * len(args.study) if len(args.storage) == 1 else args.storage, args.study))
+    # (storage, study, row-name label): a label only where several studies' trial numbers could collide
+    sources = [(url, name, name if len(sources) > 1 else None) for url, name in sources]
 
     device = pick_device()
     data = DataOptions(data_dir=args.data_dir)
@@ -296,21 +319,28 @@ def main() -> None:
     jobs += [(n, ({"serial_adapter": {"size": hidden // 16, "position": pos}}, lr)) for n, (pos, lr) in OURS.items()]
     reused = reused_rows(args.reuse) if args.reuse else []
     rescored: list[dict[str, Any]] = []
-    ranking = None
-    if args.storage and args.rescore > 0:
-        candidates = rescore_candidates(args.storage, args.study, args.rescore, args.front_max_pct)
-        study_base, heldout = study_trial_config(args.storage, args.study, args.backbone, data)
-        rescored = run_all(rescore_run, [(n, spec | {"num_layers": num_layers}, seed, study_base, heldout)
-                                         for n, spec, _ in candidates for seed in args.rescore_seeds], args.jobs)
-        ranking = rescored_means(candidates, rescored)
-        own = {number: value for number, _, value in candidates}
+    rankings: dict[str | None, dict[int, float]] = {}
+    if sources and args.rescore > 0:
+        candidates = {label: rescore_candidates(url, name, args.rescore, args.front_max_pct)
+                      for url, name, label in sources}
+        rescore_jobs = []
+        for url, name, label in sources:  # every study's reruns in one pool
+            study_base, heldout = study_trial_config(url, name, args.backbone, data)
+            rescore_jobs += [(n, spec | {"num_layers": num_layers}, seed, study_base, heldout, label)
+                             for n, spec, _ in candidates[label] for seed in args.rescore_seeds]
+        rescored = run_all(rescore_run, rescore_jobs, args.jobs)
+        for _, _, label in sources:
+            rankings[label] = rescored_means(candidates[label], rescored, label)
+            print(f"rescored {label or ''} (mean held-out): " + ", ".join(
+                f"trial {n} {v:.4f}" for n, v in sorted(rankings[label].items(), key=lambda kv: -kv[1])), flush=True)
+        own = {(label, number): value for label, cands in candidates.items() for number, _, value in cands}
         for r in rescored:  # beside each rerun, the study's own run of that configuration
-            r["study_heldout_metric"] = own[r["trial"]]
-        print("rescored (mean held-out): " + ", ".join(f"trial {n} {v:.4f}" for n, v in
-                                                       sorted(ranking.items(), key=lambda kv: -kv[1])), flush=True)
-    if args.storage:
+            r["study_heldout_metric"] = own[r["study"], r["trial"]]
+    if sources:
         budgets = {r["name"]: r["trainable_params"] for r in reused if r["name"].startswith("hf_")}
-        front = front_specs(args.storage, args.study, args.front_top, args.front_max_pct, budgets, ranking)
+        front = [point for url, name, label in sources
+                 for point in front_specs(url, name, args.front_top, args.front_max_pct, budgets,
+                                          rankings.get(label), label)]
         jobs = [j for j in jobs if not args.front_only] + [(n, (spec, None)) for n, spec in front]
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only]
@@ -335,12 +365,12 @@ def main() -> None:
                   notes=f"SST-2, {args.backbone}, train examples {args.examples or 'all'}, {args.epochs} epoch(s), "
                         f"batch {args.batch_size}, max length {args.max_length}, seeds {args.seeds}; "
                         f"{args.jobs} run(s) at a time on one device (train seconds are under that sharing); "
-                        f"HF PEFT lrs {HF_LR}; adapters lr 1e-3; front points from study {args.study}"
+                        f"HF PEFT lrs {HF_LR}; adapters lr 1e-3; front points from study {', '.join(args.study)}"
                         + (f"; rows {sorted({r['name'] for r in reused})} reused from {args.reuse} (same script "
                            "and fidelity, not rerun)" if reused else "")
                         + (f"; front points ranked by the mean held-out metric of the study's run and reruns at its "
                            f"fidelity with seeds {args.rescore_seeds} (--rescore {args.rescore}; rows rescore_trial*)"
-                           if ranking else ""))
+                           if rankings else ""))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,27 @@ def test_a_single_objective_study_ranks_all_its_feasible_trials(tmp_path: Path) 
                         "constraints": [-1.0 if feasible else 5.0]},
             system_attrs={"constraints": [-1.0 if feasible else 5.0]}))
     assert [n for n, _, _ in rescore_candidates(url, "one", 2, 1.0)] == [2, 0]
+
+
+def test_several_studies_go_into_one_table_without_name_clashes(storage: str) -> None:
+    """`--study A B` (e.g. a study per parameter budget): both fronts are retrained, each row names its study,
+    and one study's reruns never enter the other's ranking, though their trial numbers are the same."""
+    from baselines import front_specs, rescored_means
+
+    assert [n for n, _ in front_specs(storage, "s", 1, 1.0, label="s")] == ["autopeft_s_trial0"]
+    candidates = [(0, {}, 0.90), (1, {}, 0.89)]
+    runs = [{"study": "a", "trial": 0, "heldout_metric": 0.80}, {"study": "b", "trial": 0, "heldout_metric": 0.98},
+            {"study": "a", "trial": 1, "heldout_metric": 0.89}]
+    assert rescored_means(candidates, runs, "a") == pytest.approx({0: 0.85, 1: 0.89})
+    assert rescored_means(candidates, runs, "b") == pytest.approx({0: 0.94, 1: 0.89})
+
+
+def test_storages_must_pair_with_studies(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import baselines
+
+    monkeypatch.setattr(sys, "argv", ["baselines.py", "--storage", "sqlite:///a.db", "sqlite:///b.db",
+                                      "--study", "a", "b", "c"])
+    with pytest.raises(SystemExit) as exc:
+        baselines.main()
+    assert exc.value.code == 2
+    assert "one URL for all studies or one per --study: got 2 URLs for 3 studies" in capsys.readouterr().err
