@@ -242,6 +242,32 @@ class Study:
     def params_of(self, spec: Any) -> int:
         return peft_param_count(spec, self.dims) + self.head_params
 
+    def over_budget(self, spec: Any) -> TrialFailed | None:
+        """A proposal over --max-params, refused before training: its count is known in closed form, and
+        training it would spend a trial's time on a point the user excluded (in a 2026-11-30 study under IA3's
+        17k params, 229 of 242 trained trials were over the limit)."""
+        if self.max_params is None:
+            return None
+        params = self.params_of(spec)
+        if params <= self.max_params:
+            return None
+        return TrialFailed(OVER_MAX_PARAMS, f"{params:,} trainable params > --max-params {self.max_params:,}; "
+                                            "not trained")
+
+
+#: fail reason of a proposal refused before training because it is over --max-params (see Study.over_budget)
+OVER_MAX_PARAMS = "over_max_params"
+
+
+def params_constraint(params: int, max_params: int) -> float:
+    """The --max-params constraint value (<= 0 feasible), in decades: log10(params / max_params).
+
+    Why not `params - max_params`: parameter counts span four decades in one space (770 to 10^6 at MiniLM
+    size), and the sampler's GP models the constraint as a smooth function of the encoded config. On a linear
+    scale every value near a small budget is ~0 next to the 10^6 of the largest configurations, so the model
+    could not tell feasible from infeasible there (95% of proposals were infeasible under a 17k budget)."""
+    return math.log10(max(1, params)) - math.log10(max_params)
+
 
 def check_timeout(timeout: float | None) -> None:
     """`--timeout` of `autopeft search` and of each `autopeft worker` it starts (which gets the same value)."""
@@ -356,30 +382,61 @@ def feasible_startup_points(space: Any, distributions: Mapping[str, Any], num_la
     Enqueuing them spends the random phase on configurations the user can accept; if none can be found the
     constraint is unsatisfiable and the user hears so before anything runs.
     """
-    points = sample_configs(space, num_layers, random.Random(opts.seed), opts.n_startup_trials,
+    # at least one point is drawn, so that an unsatisfiable limit is caught with no random start too
+    points = sample_configs(space, num_layers, random.Random(opts.seed), max(1, opts.n_startup_trials),
                             tries=200 * max(1, opts.n_startup_trials),
                             fits=lambda spec: max_params is None or peft_param_count(spec, dims) + head <= max_params)
     if max_params is not None and not points:
         smallest = head
         raise UserError(f"--max-params {opts.max_params} ({max_params:,} params) cannot be met: the task head alone "
                         f"has {smallest:,} trainable parameters and no sampled configuration fit; raise the limit")
-    return points
+    return points[:opts.n_startup_trials]
 
 
 def sample_configs(space: Any, num_layers: int, rng: random.Random, n: int, *, tries: int,
                    fits: Callable[[PeftSpec], bool], exclude: frozenset[str] | set[str] = frozenset()
                    ) -> list[dict[str, Any]]:
     """Up to `n` seeded random points whose configuration `fits` and whose `spec_key` is not in `exclude`,
-    drawing at most `tries` points."""
+    drawing at most `tries` points; a drawn point that does not fit is shrunk until it does (`shrink_to_fit`)."""
+    distributions = space.distributions(num_layers)
+    seen = set(exclude)  # also each configuration once among the points themselves
     points: list[dict[str, Any]] = []
     for _ in range(tries):
         if len(points) >= n:
             break
-        params = space.random_params(rng, num_layers)
-        spec = space.decode(params, num_layers)
-        if fits(spec) and (not exclude or spec_key(spec.to_dict()) not in exclude):
+        params = shrink_to_fit(space.random_params(rng, num_layers), distributions, rng,
+                               lambda p: fits(space.decode(p, num_layers)))
+        if params is None:
+            continue
+        key = spec_key(space.decode(params, num_layers).to_dict())
+        if key not in seen:
+            seen.add(key)
             points.append(params)
     return points
+
+
+def shrink_to_fit(params: dict[str, Any], distributions: Mapping[str, Any], rng: random.Random,
+                  fits: Callable[[dict[str, Any]], bool], max_steps: int = 500) -> dict[str, Any] | None:
+    """`params` stepped down one rung at a time (a random ladder above its first rung: a rank, a size, a layer
+    bit, an on/off switch) until `fits`; None when nothing is left to step down.
+
+    Why not reject and redraw: under a tight --max-params almost no uniform draw fits (under IA3's 17k params
+    at MiniLM size, 1,600 draws found only the head-only configuration), so the random start and the fresh
+    points after repeats were all head-only, and the sampler's model learnt nothing of the small configurations
+    the user asked for. Shrinking a random draw keeps its variety: which methods, layers and sizes survive is
+    random, and each ladder ends on its smallest rung (0, off)."""
+    from optuna.distributions import IntDistribution
+
+    params = dict(params)
+    for _ in range(max_steps):
+        if fits(params):
+            return params
+        movable = [k for k, d in distributions.items() if isinstance(d, IntDistribution) and params[k] > d.low]
+        if not movable:
+            return None
+        k = rng.choice(movable)
+        params[k] -= distributions[k].step
+    return params if fits(params) else None
 
 
 def begin(prepared: Study, trial: optuna.Trial) -> tuple[PeftSpec, list[float] | None]:
@@ -390,10 +447,16 @@ def begin(prepared: Study, trial: optuna.Trial) -> tuple[PeftSpec, list[float] |
     twin = completed_twin(trial, spec.to_dict())
     if twin is None:
         return spec, None
-    fresh = fresh_point(prepared, trial)
-    if fresh is not None:  # the next trial explores instead of proposing the same region again
-        trial.study.enqueue_trial(fresh, skip_if_exists=True)
+    explore_next(prepared, trial)
     return spec, reuse_twin(trial, twin)
+
+
+def explore_next(prepared: Study, trial: optuna.Trial) -> None:
+    """Enqueue a fresh random point (`fresh_point`) for the next trial, after a proposal that taught nothing
+    new: a repeat, or one refused for --max-params, so the next trial explores instead of landing there again."""
+    fresh = fresh_point(prepared, trial)
+    if fresh is not None:
+        trial.study.enqueue_trial(fresh, skip_if_exists=True)
 
 
 def record_failure(prepared: Study, trial: optuna.Trial, spec: PeftSpec, exc: TrialFailed) -> None:
@@ -405,6 +468,9 @@ def record_failure(prepared: Study, trial: optuna.Trial, spec: PeftSpec, exc: Tr
         if exc.memory_mb is not None:
             trial.set_user_attr("peak_memory_mb", exc.memory_mb)  # measured up to the failure
         record_infeasible(prepared, trial, spec, exc.memory_mb)  # so the sampler stops proposing it
+    elif exc.reason == OVER_MAX_PARAMS:
+        record_infeasible(prepared, trial, spec, None, reason=OVER_MAX_PARAMS)
+        explore_next(prepared, trial)
 
 
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
@@ -449,7 +515,7 @@ def record_result(prepared: Study, trial: optuna.Trial, result: Any) -> list[flo
     attrs["loss_curve_stride"] = stride
     constraints = []
     if prepared.max_params is not None:
-        constraints.append(float(m.trainable_params - prepared.max_params))
+        constraints.append(params_constraint(m.trainable_params, prepared.max_params))
     if opts.max_memory is not None:
         constraints.append(float(m.peak_memory_mb - opts.max_memory))
     attrs["constraints"] = constraints
@@ -473,6 +539,10 @@ def objective(prepared: Study) -> Callable[[optuna.Trial], list[float]]:
         spec, reused = begin(prepared, trial)
         if reused is not None:
             return reused
+        refused = prepared.over_budget(spec)
+        if refused is not None:
+            record_failure(prepared, trial, spec, refused)
+            raise refused
         token = train.CURRENT_TRIAL.set(trial.number)  # for AUTOPEFT_INJECT_FAULT (tests and drills)
         try:
             try:
@@ -513,8 +583,12 @@ def pack_objective(prepared: Study) -> Callable[[list[optuna.Trial]], list[list[
         todo: list[tuple[int, optuna.Trial, PeftSpec]] = []
         for i, trial in enumerate(trials):
             spec, reused = begin(prepared, trial)
+            refused = prepared.over_budget(spec) if reused is None else None
             if reused is not None:
                 outcomes[i] = reused
+            elif refused is not None:
+                record_failure(prepared, trial, spec, refused)
+                outcomes[i] = refused
             else:
                 todo.append((i, trial, spec))
         if todo:

@@ -365,8 +365,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ----- OOM as infeasible --------------------------------------------------------------------------------------------
-def record_infeasible(prepared: Any, trial: optuna.Trial, spec: Any, memory_mb: float | None) -> None:
-    """Tell the sampler that this configuration does not fit, while the trial itself stays FAILED `oom`.
+def record_infeasible(prepared: Any, trial: optuna.Trial, spec: Any, memory_mb: float | None,
+                      reason: str = "oom") -> None:
+    """Tell the sampler that this configuration does not fit, while the trial itself stays FAILED `reason`
+    (`oom`, or `over_max_params`: refused before training, see search.Study.over_budget).
 
     Optuna's samplers learn only from COMPLETE trials: BoTorch's fits its GP on COMPLETE ones (RUNNING ones
     only as pending points), TPE and NSGA-II read COMPLETE trials and their `constraints` system attribute.
@@ -374,14 +376,17 @@ def record_infeasible(prepared: Any, trial: optuna.Trial, spec: Any, memory_mb: 
     of memory. Next to the FAILED trial we therefore add one COMPLETE stand-in (user attribute
     `autopeft.shadow_of` = the trial's number) with the same parameters and
 
-    * every constraint violated (>= 1, in user attribute `constraints` and Optuna's `constraints` system
-      attribute), which constraint-aware samplers (BoTorch's constrained qLogNEHVI, TPE, NSGA-II) model as
-      infeasible, and which keeps the stand-in off every front (`pareto.is_feasible`);
+    * every constraint violated (> 0, in user attribute `constraints` and Optuna's `constraints` system
+      attribute; the --max-params one is its true value when the trial was refused for it), which
+      constraint-aware samplers (BoTorch's constrained qLogNEHVI, TPE, NSGA-II) model as infeasible, and which
+      keeps the stand-in off every front (`pareto.is_feasible`);
     * pessimistic objective values (the worst metric seen, the params it would have had or more, the memory
       it reached or the most seen), so a sampler without constraints also learns the region is bad.
 
     The stand-in never counts toward the budget, never appears in a front, and is skipped by `counts`.
     """
+    from autopeft.search import OVER_MAX_PARAMS, params_constraint
+
     try:
         study = trial.study
         opts = prepared.opts
@@ -397,10 +402,11 @@ def record_infeasible(prepared: Any, trial: optuna.Trial, spec: Any, memory_mb: 
         values = [float(table[o]) for o in opts.objectives]
         constraints = []
         if prepared.max_params is not None:
-            constraints.append(max(1.0, float(params - prepared.max_params)))
+            over = params_constraint(params, prepared.max_params)
+            constraints.append(over if reason == OVER_MAX_PARAMS else max(1.0, over))
         if opts.max_memory is not None:
             constraints.append(max(1.0, float((memory_mb or 0.0) - opts.max_memory)))
-        user = {SHADOW_ATTR: trial.number, FAIL_REASON: "oom", "constraints": constraints or [1.0],
+        user = {SHADOW_ATTR: trial.number, FAIL_REASON: reason, "constraints": constraints or [1.0],
                 "spec_summary": trial.user_attrs.get("spec_summary", "")}
         system = {"constraints": constraints} if constraints else {}
         study.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import signal
 import subprocess
 import sys
@@ -11,9 +13,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autopeft.cli import main
-from autopeft.errors import UserError
+from autopeft.errors import TrialFailed, UserError
 from autopeft.search import SearchOptions, parse_max_params, run_search
 from autopeft.spec import Fidelity
 from autopeft.train import DataOptions
@@ -230,3 +234,57 @@ def test_set_user_attrs_writes_all_at_once_like_set_user_attr(where: str, tmp_pa
     assert again.trials[0].user_attrs == attrs
     with pytest.raises(RuntimeError):  # a finished trial refuses, as set_user_attr does
         set_user_attrs(trial, {"late": 1})
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), budget=st.sampled_from([5_000, 16_898, 60_000, 227_000]))
+def test_random_points_under_a_tight_budget_fit_and_vary(seed: int, budget: int) -> None:
+    """--max-params: the random start (and the fresh point after a repeat or a refusal) are configurations the
+    user accepts, each once, and not the head alone, which teaches the sampler nothing: under IA3's 17k params
+    at MiniLM size, redrawing until a uniform draw fit had given eight head-only start points."""
+    from autopeft.peft import ModelDims, peft_param_count
+    from autopeft.search import sample_configs, spec_key
+    from autopeft.space import SearchSpace
+
+    space = SearchSpace.load("mixed")
+    dims = ModelDims("bert", 6, 384, 1536, 12, 12, 32)
+
+    def fits(spec: object) -> bool:
+        return peft_param_count(spec, dims) + 770 <= budget
+
+    points = sample_configs(space, 6, random.Random(seed), 8, tries=400, fits=fits)
+    specs = [space.decode(p, 6) for p in points]
+    assert len(points) == 8 and all(fits(s) for s in specs)
+    assert len({spec_key(s.to_dict()) for s in specs}) == 8
+    assert sum(peft_param_count(s, dims) == 0 for s in specs) <= 1
+    dists = space.distributions(6)
+    assert all(dists[k]._contains(v) for p in points for k, v in p.items())  # still points of the space
+
+
+def test_a_proposal_over_max_params_is_refused_untrained(tmp_path: Path, tiny_backbone_dir: Path,
+                                                         toy: DataOptions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its size is known before training: no time is spent on it, the sampler is told it is infeasible (a
+    COMPLETE stand-in with its true constraint), it does not count toward --n-trials, and a fresh point that
+    fits is queued for the next trial."""
+    from autopeft import search
+    from autopeft.worker import FAIL_REASON
+
+    probe = search.prepare(options(tmp_path / "probe", tiny_backbone_dir, toy, n_startup_trials=0))
+    dists = probe.distributions
+    biggest = {k: d.high if hasattr(d, "high") else d.choices[-1] for k, d in dists.items()}
+    big = probe.params_of(probe.space.decode(biggest, probe.num_layers))
+    limit = probe.head_params + (big - probe.head_params) // 20
+    prepared = search.prepare(options(tmp_path, tiny_backbone_dir, toy, n_startup_trials=0, max_params=str(limit)))
+    prepared.study.enqueue_trial(biggest)
+    calls = []
+    real = search.run_trial
+    monkeypatch.setattr(search, "run_trial", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepared.study.optimize(search.objective(prepared), n_trials=2, catch=(TrialFailed,))
+    refused, shadow, fresh = (prepared.study.trials[i] for i in (0, 1, 2))
+    assert refused.state == optuna.trial.TrialState.FAIL and refused.user_attrs[FAIL_REASON] == "over_max_params"
+    assert shadow.state == optuna.trial.TrialState.COMPLETE and shadow.user_attrs[search.SHADOW_ATTR] == 0
+    assert shadow.system_attrs["constraints"][0] == pytest.approx(math.log10(big / limit))
+    assert fresh.state == optuna.trial.TrialState.COMPLETE and len(calls) == 1  # only the fresh point trained
+    assert fresh.user_attrs["trainable_params"] <= limit
+    assert fresh.user_attrs["constraints"][0] == pytest.approx(math.log10(fresh.user_attrs["trainable_params"] / limit))
+    assert search.completed(prepared.study) == 1
