@@ -50,14 +50,20 @@ def stats(db: str, study_name: str) -> dict:
     start = min(t.datetime_start for t in trials if t.datetime_start)
     end = max(t.datetime_complete for t in trials if t.datetime_complete)
     wall = (end - start).total_seconds()
+    # COMPLETE stand-ins of infeasible trials (autopeft.worker.record_infeasible) were never trained: not counted
+    shadows = [t for t in trials if "autopeft.shadow_of" in t.user_attrs]
+    trials = [t for t in trials if "autopeft.shadow_of" not in t.user_attrs]
     by_state = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    feasible = sum(t.state == optuna.trial.TrialState.COMPLETE and "spec" in t.user_attrs
+                   and all(c <= 0 for c in t.user_attrs.get("constraints") or []) for t in trials)
     reasons: dict[str, int] = {}
     for t in trials:
         if t.state == optuna.trial.TrialState.FAIL:
             why = str(t.user_attrs.get("autopeft.fail_reason", "unknown"))
             reasons[why] = reasons.get(why, 0) + 1
     return {"start": start.isoformat(), "end": end.isoformat(), "wall_s": round(wall, 1),
-            "trials": {k: v for k, v in by_state.items() if v}, "fail_reasons": reasons,
+            "trials": {k: v for k, v in by_state.items() if v}, "complete_within_limits": feasible,
+            "infeasible_stand_ins": len(shadows), "fail_reasons": reasons,
             "complete_per_hour": round(by_state["complete"] / wall * 3600, 1),
             "by_adapted_layers": by_layers(study, trials)}
 
@@ -97,7 +103,8 @@ def main() -> None:
         ap.error(f"{args.db} holds no study named {args.study!r}; pass the name `autopeft search --study` gave it")
     date = row["start"][:10]
     summary = {"wall_s": row["wall_s"], "complete": row["trials"].get("complete", 0),
-               "failed": row["trials"].get("fail", 0), "complete_per_hour": row["complete_per_hour"]}
+               "complete_within_limits": row["complete_within_limits"], "failed": row["trials"].get("fail", 0),
+               "complete_per_hour": row["complete_per_hour"]}
     record = {"bench": "study_stats", "device": args.device, "date": date, "versions": None,
               "command": " ".join(sys.argv), "rows": [row], "summary": summary,
               "notes": "from the study's own timestamps (first trial start to last trial end); versions: those of "

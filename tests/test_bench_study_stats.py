@@ -54,3 +54,25 @@ def test_a_missing_file_or_study_is_one_line_exit_2_and_writes_nothing(tmp_path:
                                "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and says in done.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "out").exists() and not (tmp_path / "none.db.gz").exists()
+
+
+def test_stand_ins_are_not_counted_and_trials_within_the_limits_are(tmp_path: Path) -> None:
+    """A refused or OOM trial's COMPLETE stand-in (autopeft.worker.record_infeasible) was never trained; a study
+    under --max-params is judged by its trained trials that meet the limit."""
+    from study_stats import stats
+
+    db = tmp_path / "optuna.db"
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{db}", directions=["maximize"])
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    spec = {"num_layers": 1, "bitfit": [True]}
+    for i, (attrs, state) in enumerate([({"spec": spec, "constraints": [-0.2]}, "COMPLETE"),
+                                        ({"spec": spec, "constraints": [0.5]}, "COMPLETE"),
+                                        ({"spec": spec, "autopeft.fail_reason": "over_max_params"}, "FAIL"),
+                                        ({"autopeft.shadow_of": 2, "constraints": [0.7]}, "COMPLETE")]):
+        study.add_trial(optuna.trial.create_trial(params={"x": i}, distributions=dist, user_attrs=attrs,
+                                                  state=optuna.trial.TrialState[state],
+                                                  values=[0.8] if state == "COMPLETE" else None))
+    row = stats(str(db), "s")
+    assert row["trials"] == {"complete": 2, "fail": 1}
+    assert row["complete_within_limits"] == 1 and row["infeasible_stand_ins"] == 1
+    assert row["fail_reasons"] == {"over_max_params": 1}
