@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -243,6 +244,67 @@ def mean_rows(rows: list[dict]) -> dict[str, dict[str, float]]:
             for n, rs in by.items()}
 
 
+def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-row means over seeds, and the issue's summary keys: the best front point within 1% of params, its gap
+    to full fine-tuning, and how many HF PEFT baselines some front point dominates or matches (at least their
+    accuracy with at most their params)."""
+    means = mean_rows([r for r in rows if "seed" in r and "metric" in r])
+    fft = means.get("full_ft", {}).get("acc", float("nan"))
+    front = {n: v for n, v in means.items() if n.startswith("autopeft_")}
+    le1 = [v["acc"] for v in front.values() if v["params_pct"] <= 1.0]
+    best_le1 = max(le1) if le1 else float("nan")
+    hf_names = [n for n in means if n.startswith("hf_")]
+    dominated = sum(any(f["acc"] >= means[b]["acc"] and f["params"] <= means[b]["params"] for f in front.values())
+                    for b in hf_names)
+    return means, {"fft_acc": fft, "front_best_le1pct_acc": best_le1, "front_gap_to_fft_points": 100 * (fft - best_le1),
+                   "hf_peft_baselines_dominated": dominated, "hf_peft_baselines_total": len(hf_names),
+                   **{f"{n}_acc": v["acc"] for n, v in means.items()}}
+
+
+def studies_of(command: str) -> list[str]:
+    """The --study names in a results file's recorded command line."""
+    words = shlex.split(command)
+    if "--study" not in words:
+        return ["glue-sst2"]
+    i = words.index("--study") + 1
+    names = []
+    while i < len(words) and not words[i].startswith("--"):
+        names.append(words[i])
+        i += 1
+    return names
+
+
+def merged_rows(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One table from several results files of this script at one fidelity (e.g. one study per parameter budget,
+    each retrained in its own run): each baseline row once (the first file's), every front point and rescoring
+    run, front points of a one-study file named by that study so trial numbers of different studies never
+    collide. Raises UserError when the files' fidelities differ (their notes' first clause)."""
+    from autopeft.errors import UserError
+
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    fidelities = {r["notes"].split(";")[0].split(", seeds")[0] for r in records}
+    if len(fidelities) > 1:
+        raise UserError(f"--merge: the files were trained at different fidelities ({' | '.join(sorted(fidelities))});"
+                        " merge only results of one fidelity")
+    rows: list[dict[str, Any]] = []
+    baselines: set[tuple[str, Any]] = set()
+    for path, record in zip(paths, records, strict=True):
+        names = studies_of(record.get("command", ""))
+        for r in record["rows"]:
+            name = r["name"]
+            if name == "means":
+                continue
+            if name.startswith(("autopeft_trial", "rescore_trial")) and len(names) == 1:
+                kind, number = name.split("_trial")
+                r = r | {"name": point_name(int(number), names[0], kind), "study": names[0]}
+            elif not name.startswith(("autopeft_", "rescore_")):
+                if (name, r.get("seed")) in baselines:
+                    continue
+                baselines.add((name, r.get("seed")))
+            rows.append(r | {"merged_from": Path(path).name})
+    return rows, records[0]
+
+
 def one_run(job: tuple[tuple[str, Any, int], TrialConfig, int]) -> dict[str, Any]:
     """One row (a baseline or front point at one seed); a run that cannot train is a recorded row, not a lost
     benchmark. Top level, so that `--jobs` can run it in another process."""
@@ -296,7 +358,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, each in its own process (round robin over the visible GPUs)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="train nothing: one table and summary from earlier results files of this script at one "
+                         "fidelity (e.g. one study per parameter budget, each retrained in its own run)")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out, ap)
+        return
     if args.rescore < 0 or (args.rescore and not args.storage):
         ap.error("--rescore N needs N >= 0 and a study (--storage, --study) whose front points it reruns")
     if len(args.storage) not in (0, 1, len(args.study)):
@@ -348,17 +416,7 @@ def main() -> None:
     runs = [(name, ours, seed) for seed in args.seeds for name, ours in jobs]
     rows = run_all(one_run, [(r, base, num_layers) for r in runs], args.jobs)
     rows += reused
-    means = mean_rows(rows)
-    fft = means.get("full_ft", {}).get("acc", float("nan"))
-    front = {n: v for n, v in means.items() if n.startswith("autopeft_")}
-    le1 = [v["acc"] for v in front.values() if v["params_pct"] <= 1.0]
-    best_le1 = max(le1) if le1 else float("nan")
-    hf_names = [n for n in means if n.startswith("hf_")]
-    dominated = sum(any(f["acc"] >= means[b]["acc"] and f["params"] <= means[b]["params"] for f in front.values())
-                    for b in hf_names)
-    summary = {"fft_acc": fft, "front_best_le1pct_acc": best_le1, "front_gap_to_fft_points": 100 * (fft - best_le1),
-               "hf_peft_baselines_dominated": dominated, "hf_peft_baselines_total": len(hf_names),
-               **{f"{n}_acc": v["acc"] for n, v in means.items()}}
+    means, summary = summarize(rows)
     rows.append({"name": "means", "means": means})
     rows += rescored
     write_results("baselines", rows, summary, out_dir=args.out, device=device,
@@ -371,6 +429,24 @@ def main() -> None:
                         + (f"; front points ranked by the mean held-out metric of the study's run and reruns at its "
                            f"fidelity with seeds {args.rescore_seeds} (--rescore {args.rescore}; rows rescore_trial*)"
                            if rankings else ""))
+
+
+def merge(paths: list[str], out: str, ap: argparse.ArgumentParser) -> None:
+    """--merge: the rows of `paths` in one file, the summary recomputed over all of them (no GPU needed)."""
+    from autopeft.errors import UserError
+
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        ap.error(f"--merge: no such file: {', '.join(missing)}")
+    try:
+        rows, first = merged_rows(paths)
+    except UserError as e:
+        ap.error(str(e))
+    means, summary = summarize(rows)
+    rows.append({"name": "means", "means": means})
+    write_results("baselines", rows, summary, out_dir=out, device=first["device"], versions_of=first["versions"],
+                  notes=f"merged from {', '.join(Path(p).name for p in paths)} (no run of its own; rows keep "
+                        f"merged_from). {first['notes'].split(';')[0]}")
 
 
 if __name__ == "__main__":

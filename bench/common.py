@@ -161,9 +161,11 @@ def format_profile(prof: dict[str, Any]) -> str:
 
 
 def write_results(bench: str, rows: list[dict], summary: dict[str, float], out_dir: str | Path = "bench/results",
-                  notes: str = "", device: torch.device | str | None = None) -> Path:
+                  notes: str = "", device: torch.device | str | None = None,
+                  versions_of: dict[str, Any] | None = None) -> Path:
     """Write bench/results/<bench>-<device>-<YYYY-MM-DD>.json and print the summary last (what a reader of
-    the log wants to see without scrolling)."""
+    the log wants to see without scrolling). `versions_of`: the versions of the machine that measured, where
+    that is not this one (a file merged from other results files)."""
     dev = device if isinstance(device, str) and not device.startswith(("cuda", "cpu")) else device_name(device)
     date = _dt.date.today().isoformat()
     out = Path(out_dir)
@@ -173,7 +175,7 @@ def write_results(bench: str, rows: list[dict], summary: dict[str, float], out_d
         "bench": bench,
         "device": dev,
         "date": date,
-        "versions": versions(),
+        "versions": versions_of if versions_of is not None else versions(),
         "command": " ".join(sys.argv),
         "rows": rows,
         "summary": summary,

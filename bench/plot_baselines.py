@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 STYLE = {"hf_": ("HF PEFT defaults", "s", "#d62728"), "ours_": ("bottleneck adapters (ours)", "^", "#7f7f7f"),
@@ -31,6 +32,46 @@ def y_window(accs: list[float], fft: float | None) -> tuple[float, float]:
     return low, top
 
 
+#: one colour per study when a file holds several (`baselines.py --study A B` or `--merge`)
+STUDY_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#bcbd22")
+
+
+def groups(means: dict[str, dict[str, float]]) -> list[tuple[str, dict[str, dict[str, float]], str, str]]:
+    """(legend label, rows, marker, colour) per kind of row; autopeft rows split by study where they name one
+    (autopeft_STUDY_trialN)."""
+    out = []
+    for prefix, (label, marker, color) in STYLE.items():
+        rows = {n: v for n, v in means.items() if n.startswith(prefix)}
+        if prefix != "autopeft_":
+            out.append((label, rows, marker, color))
+            continue
+        studies: dict[str, dict[str, dict[str, float]]] = {}
+        for n, v in rows.items():
+            study = n.removeprefix(prefix).rpartition("_trial")[0]
+            studies.setdefault(study, {})[n] = v
+        for i, (study, members) in enumerate(sorted(studies.items())):
+            named = f"{label}: {study}" if study else label
+            out.append((named, members, marker, STUDY_COLORS[i % len(STUDY_COLORS)] if study else color))
+    return out
+
+
+def point_label(name: str) -> str:
+    """The text beside a point: a baseline's name, a front point's trial ("trial 143"; its study is its colour)."""
+    if name.startswith("autopeft_") and (m := re.search(r"trial(\d+)$", name)):
+        return f"trial {m.group(1)}"
+    for prefix in STYLE:
+        name = name.removeprefix(prefix)
+    return name
+
+
+def front_names(means: dict[str, dict[str, float]]) -> set[str]:
+    """The autopeft rows that no other autopeft row beats on both accuracy and params: only these are labelled,
+    the rest are context (a merged file has ~20 front points)."""
+    rows = {n: v for n, v in means.items() if n.startswith("autopeft_")}
+    return {n for n, v in rows.items()
+            if not any(o["acc"] > v["acc"] and o["params"] <= v["params"] for m, o in rows.items() if m != n)}
+
+
 def plot(results: Path, png: Path) -> Path:
     import matplotlib
 
@@ -42,8 +83,8 @@ def plot(results: Path, png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     fft_acc = 100 * means["full_ft"]["acc"] if "full_ft" in means else None
     low, top = y_window([100 * v["acc"] for n, v in means.items() if n != "full_ft"], fft_acc)
-    for prefix, (label, marker, color) in STYLE.items():
-        rows = {n: v for n, v in means.items() if n.startswith(prefix)}
+    labelled = front_names(means) | {n for n in means if not n.startswith("autopeft_")}
+    for label, rows, marker, color in groups(means):
         inside = {n: v for n, v in rows.items() if 100 * v["acc"] >= low}
         if inside:
             ax.errorbar([v["params"] for v in inside.values()], [100 * v["acc"] for v in inside.values()],
@@ -52,12 +93,13 @@ def plot(results: Path, png: Path) -> Path:
         for n, v in rows.items():
             acc = 100 * v["acc"]
             if acc >= low:
-                ax.annotate(n.removeprefix(prefix), (v["params"], acc), textcoords="offset points",
-                            xytext=(5, 4), fontsize=7)
+                if n in labelled:
+                    ax.annotate(point_label(n), (v["params"], acc), textcoords="offset points", xytext=(5, 4),
+                                fontsize=7)
             else:  # on the lower edge, pointing down, with its value
                 ax.plot([v["params"]], [low + 0.15], marker="v", color=color, markersize=7, linestyle="none",
                         label=None if inside else label)
-                ax.annotate(f"{n.removeprefix(prefix)}: {acc:.1f}% (below)", (v["params"], low + 0.15),
+                ax.annotate(f"{point_label(n)}: {acc:.1f}% (below)", (v["params"], low + 0.15),
                             textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_ylim(low, top)
     if "full_ft" in means:

@@ -134,3 +134,52 @@ def test_storages_must_pair_with_studies(monkeypatch: pytest.MonkeyPatch, capsys
         baselines.main()
     assert exc.value.code == 2
     assert "one URL for all studies or one per --study: got 2 URLs for 3 studies" in capsys.readouterr().err
+
+
+def _results(path: Path, command: str, rows: list[dict], fidelity: str = "SST-2, m, train examples all, 1 epoch(s)"
+             ) -> str:
+    path.write_text(json.dumps({"device": "h200", "versions": {"torch": "x"}, "command": command,
+                                "notes": f"{fidelity}, seeds [0]; more", "rows": rows}))
+    return str(path)
+
+
+def _row(name: str, acc: float, params: int, seed: int = 0) -> dict:
+    return {"name": name, "seed": seed, "metric": acc, "trainable_params": params, "trainable_pct": params / 1e5}
+
+
+def test_merge_makes_one_table_of_budget_studies_run_apart(tmp_path: Path) -> None:
+    """One study per parameter budget, each retrained in its own run: the summary counts a baseline dominated
+    when any study's point dominates it, each baseline counts once, and trial numbers of different studies
+    never merge into one row."""
+    from baselines import merged_rows, summarize
+
+    base = [_row("full_ft", 0.89, 10**7), _row("hf_ia3", 0.845, 16_898), _row("hf_lora_r8_qv", 0.867, 74_498)]
+    a = _results(tmp_path / "a.json", "bench/baselines.py --study s1 s2 --jobs 16",
+                 [*base, _row("autopeft_s1_trial3", 0.886, 90_000), _row("autopeft_s2_trial3", 0.850, 16_148)])
+    b = _results(tmp_path / "b.json", "bench/baselines.py --storage x --study lora --front-top 6",
+                 [*base, _row("autopeft_trial3", 0.875, 65_330),
+                  {"name": "rescore_trial3", "trial": 3, "seed": 1, "heldout_metric": 0.9}])
+    rows, first = merged_rows([a, b])
+    assert first["device"] == "h200"
+    names = [r["name"] for r in rows]
+    assert names.count("hf_ia3") == 1 and "autopeft_lora_trial3" in names and "rescore_lora_trial3" in names
+    means, summary = summarize(rows)
+    assert {"autopeft_s1_trial3", "autopeft_s2_trial3", "autopeft_lora_trial3"} <= set(means)
+    assert summary["hf_peft_baselines_dominated"] == 2 and summary["hf_peft_baselines_total"] == 2
+    assert summary["front_gap_to_fft_points"] == pytest.approx(0.4)
+    # without b's study, LoRA q,v is not dominated
+    assert summarize(merged_rows([a])[0])[1]["hf_peft_baselines_dominated"] == 1
+
+
+def test_merge_refuses_files_of_different_fidelities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import baselines
+
+    a = _results(tmp_path / "a.json", "x --study a", [_row("hf_ia3", 0.845, 16_898)])
+    b = _results(tmp_path / "b.json", "x --study b", [_row("hf_ia3", 0.845, 16_898)],
+                 fidelity="SST-2, m, train examples 2000, 1 epoch(s)")
+    monkeypatch.setattr(sys, "argv", ["baselines.py", "--merge", a, b, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        baselines.main()
+    assert exc.value.code == 2 and "different fidelities" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

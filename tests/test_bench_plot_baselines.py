@@ -30,3 +30,19 @@ def test_a_results_file_becomes_a_png(tmp_path: Path) -> None:
                                    "rows": [{"name": "means", "means": means}]}))
     png = plot(results, tmp_path / "out.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_studies_get_a_colour_each_and_only_their_front_is_labelled() -> None:
+    """A merged file (one study per budget) has ~20 front points: each study is one legend entry, and only the
+    points no other front point beats on accuracy and params carry a label."""
+    from plot_baselines import front_names, groups, point_label
+
+    means = {"hf_ia3": {"acc": 0.845, "params": 16_898}, "autopeft_a_trial3": {"acc": 0.85, "params": 16_000},
+             "autopeft_a_trial9": {"acc": 0.84, "params": 16_500}, "autopeft_b_trial3": {"acc": 0.88, "params": 9e4}}
+    named = {label: (set(rows), color) for label, rows, _, color in groups(means)}
+    assert named["autopeft front, retrained: a"][0] == {"autopeft_a_trial3", "autopeft_a_trial9"}
+    assert named["autopeft front, retrained: b"][0] == {"autopeft_b_trial3"}
+    assert named["autopeft front, retrained: a"][1] != named["autopeft front, retrained: b"][1]
+    assert front_names(means) == {"autopeft_a_trial3", "autopeft_b_trial3"}  # trial 9: more params, less accuracy
+    assert [point_label(n) for n in ("autopeft_a_trial3", "autopeft_trial12", "hf_ia3")] == ["trial 3", "trial 12",
+                                                                                            "ia3"]
