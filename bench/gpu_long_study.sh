@@ -17,6 +17,11 @@
 # choosing among the front's best points, see the README's evidence section),
 # RESCORE (none; N = rank the N best front points under 1% by reruns at the study's fidelity first, see baselines.py).
 # Two steps of ~10 and ~4 minutes on an H200; the search resumes (--resume) if it is stopped in between.
+# The 2026-11-30 budget studies (README, "both targets met"): one study per budget, each on its own GPU, e.g.
+#   CUDA_VISIBLE_DEVICES=1 HELDOUT=2000 OBJECTIVES=metric MAX_PARAMS=16898 TIMEOUT=280 N_TRIALS=1000 STEPS=search \
+#     STUDY=glue-sst2-ia3budget-h2000-refuse RUNS=/tmp/rb bash bench/gpu_long_study.sh OUT
+# then bench/baselines.py --storage A.db B.db --study A B --rescore 16 --front-top 6 --front-only --reuse ... (both
+# in one table), and bench/baselines.py --merge FILE... to join tables retrained in separate runs.
 set -uo pipefail
 out=${1:?usage: bench/gpu_long_study.sh OUTDIR [REUSE.json]}
 reuse=${2:-}
