@@ -481,6 +481,11 @@ def select_trial(study: optuna.Study, *, trial: int | None, pick: str | None) ->
                             f"to export, see autopeft front --study {name}")
         if t.state != TrialState.COMPLETE:
             raise UserError(f"trial {trial} of study {name!r} is {t.state.name}, not COMPLETE; nothing to export yet")
+        if "autopeft.shadow_of" in t.user_attrs:  # autopeft.worker.record_infeasible: never trained
+            of = t.user_attrs["autopeft.shadow_of"]
+            reason = t.user_attrs.get("autopeft.fail_reason", "infeasible")
+            raise UserError(f"trial {trial} of study {name!r} only tells the sampler that trial {of} was infeasible "
+                            f"({reason}); it was never trained. See autopeft front --study {name}")
         return t
     rule, within = parse_pick(pick or "")
     if rule == "best-metric":

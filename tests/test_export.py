@@ -304,7 +304,8 @@ LABELS = [1, 0, 1, 0, 1, 0, 1, 0]
 
 @pytest.fixture(scope="module")
 def study_dir(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Trials: 0 LoRA (COMPLETE), 1 FAILED, 2 IA3 (small), 3 mixed (best feasible), 4 infeasible (best metric)."""
+    """Trials: 0 LoRA (COMPLETE), 1 FAILED, 2 IA3 (small), 3 mixed (best feasible), 4 infeasible (best metric),
+    5 trial 1's infeasible stand-in."""
     import optuna
     from optuna.trial import TrialState, create_trial
     from safetensors.torch import save_file
@@ -342,6 +343,10 @@ def study_dir(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory)
                  "constraints": [1.0] if number == 4 else [-1.0]}
         study.add_trial(create_trial(state=TrialState.COMPLETE, values=[metrics[number], params, 10.0],
                                      user_attrs=attrs))
+    # 5: the COMPLETE stand-in that tells the sampler trial 1 was infeasible (autopeft.worker.record_infeasible)
+    study.add_trial(create_trial(state=TrialState.COMPLETE, values=[0.5, 6.0, 10.0],
+                                 user_attrs={"autopeft.shadow_of": 1, "autopeft.fail_reason": "oom",
+                                             "constraints": [1.0]}, system_attrs={"constraints": [1.0]}))
     return out
 
 
@@ -384,6 +389,7 @@ def test_pick_rules(pick: str, expected: int, study_dir: Path, tmp_path: Path) -
     ({"study_name": "nope", "trial": 0}, "no study named 'nope'"),
     ({"trial": 99}, "has no trial 99"),
     ({"trial": 1}, r"trial 1 of study 'sst2' FAILED \(oom\)"),
+    ({"trial": 5}, r"only tells the sampler that trial 1 was infeasible \(oom\); it was never trained"),
     ({"trial": 3, "formats": "hf"}, "cannot write the HF PEFT format.*several methods mixed"),
     ({}, "exactly one of --trial N or --pick"),
     ({"trial": 0, "pick": "best-metric"}, "exactly one of --trial N or --pick"),
