@@ -288,3 +288,31 @@ def test_a_proposal_over_max_params_is_refused_untrained(tmp_path: Path, tiny_ba
     assert fresh.user_attrs["trainable_params"] <= limit
     assert fresh.user_attrs["constraints"][0] == pytest.approx(math.log10(fresh.user_attrs["trainable_params"] / limit))
     assert search.completed(prepared.study) == 1
+
+
+def test_a_pack_trains_its_trials_within_max_params_and_refuses_the_other(tmp_path: Path, tiny_backbone_dir: Path,
+                                                                          toy: DataOptions) -> None:
+    """In a pack (`--pack-size`), the proposal over the limit is refused before the pack trains, and the
+    others train as if it had never been asked."""
+    import random
+
+    from autopeft import search
+    from autopeft.worker import FAIL_REASON
+
+    probe = search.prepare(options(tmp_path / "probe", tiny_backbone_dir, toy, n_startup_trials=0))
+    biggest = {k: d.high if hasattr(d, "high") else d.choices[-1] for k, d in probe.distributions.items()}
+    big = probe.params_of(probe.space.decode(biggest, probe.num_layers))
+    limit = probe.head_params + (big - probe.head_params) // 20
+    prepared = search.prepare(options(tmp_path, tiny_backbone_dir, toy, n_startup_trials=0, max_params=str(limit),
+                                      pack_size=3))
+    small = search.sample_configs(prepared.space, prepared.num_layers, random.Random(1), 2, tries=100,
+                                  fits=lambda spec: prepared.params_of(spec) <= limit)
+    for params in (small[0], biggest, small[1]):
+        prepared.study.enqueue_trial(params)
+    trials = [prepared.study.ask() for _ in range(3)]
+    outcomes = search.pack_objective(prepared)(trials)
+    assert isinstance(outcomes[1], TrialFailed) and outcomes[1].reason == "over_max_params"
+    assert trials[1].user_attrs[FAIL_REASON] == "over_max_params"
+    assert all(isinstance(o, list) for o in (outcomes[0], outcomes[2]))
+    assert trials[0].user_attrs[search.PACK_ATTR]["size"] == 2  # the refused one never joined the pack
+    assert all(t.user_attrs["trainable_params"] <= limit for t in (trials[0], trials[2]))
