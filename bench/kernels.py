@@ -524,7 +524,9 @@ def main() -> None:
     ap.add_argument("--profile", default="",
                     help="comma-separated arms to profile after timing them (e.g. floor,ours_lora8_all): device time "
                          "per step by category (GEMM, attention, optimizer, copies/casts, other) and the top "
-                         "kernels, in the row's `profile`; profile eager arms (a graph's replay hides kernels)")
+                         "kernels, in the row's `profile`, with the device's span and kernels per step (span - "
+                         "busy: the GPU's idle time between kernels). Graphed arms too, where the profiler sees a "
+                         "replay's kernels (kernels_per_step 0 where it does not)")
     ap.add_argument("--sdpa", choices=SDPA_BACKENDS, default=None,
                     help="run every arm with only this attention backend of PyTorch's SDPA (default: PyTorch picks); "
                          "written as kernels_sdpa_<name>-*.json. Why: to see whether a graph capture changes the "

@@ -64,3 +64,19 @@ def test_a_gpu_profile_counts_each_kernel_once() -> None:
     assert prof["busy_ms"] == pytest.approx(0.35)  # (600 + 100) µs over 2 steps
     assert prof["gemm_ms"] == pytest.approx(0.3) and prof["copy_cast_ms"] == pytest.approx(0.05)
     assert prof["top"][0] == {"name": "nvjet_sm90_tst_256x128", "ms": 0.3, "calls": 1.0, "category": "gemm"}
+
+
+def test_the_device_span_shows_the_time_between_kernels() -> None:
+    """Busy 0.35 ms of a 0.4 ms span per step: what a graph's replay loses between its kernels is span - busy."""
+    from common import device_span, format_profile, summarize_profile
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    events = [FunctionEvent(id=i, name=n, thread=0, start_us=a, end_us=b, device_type=d) for i, (n, a, b, d) in
+              enumerate([("aten::mm", 0, 50, DeviceType.CPU), ("nvjet_sm90_tst", 10, 310, DeviceType.CUDA),
+                         ("nvjet_sm90_tst", 320, 620, DeviceType.CUDA), ("direct_copy", 700, 810, DeviceType.CUDA)])]
+    span = device_span(events, steps=2)
+    assert span == {"span_ms": pytest.approx(0.4), "kernels_per_step": 1.5}
+    assert device_span(events[:1], steps=2) == {"span_ms": 0.0, "kernels_per_step": 0.0}  # a replay the profiler hid
+    line = format_profile(summarize_profile([("nvjet_sm90_tst", 600.0, 2)], steps=2) | span)
+    assert "busy 0.3 ms/step of a 0.4 ms span, 2 kernels" in line and "span" not in line.split(":")[-1]
