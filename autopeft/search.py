@@ -234,6 +234,9 @@ class Study:
     backbone_params: int
     max_params: int | None
     task_data: Any
+    #: how the study records its --max-params constraint: "log10" (studies made since 2026-11-30, see
+    #: `params_constraint`), or "linear" (params - limit) for an older study resumed, so one study never mixes two
+    params_scale: str = "log10"
 
     def trial_config(self, spec: Any) -> TrialConfig:
         return TrialConfig(task=self.opts.task, spec=spec, backbone=self.opts.backbone,
@@ -254,7 +257,16 @@ class Study:
         return TrialFailed(OVER_MAX_PARAMS, f"{params:,} trainable params > --max-params {self.max_params:,}; "
                                             "not trained")
 
+    def params_violation(self, params: int) -> float:
+        """The --max-params constraint value of a configuration with `params` trainable (<= 0 feasible)."""
+        assert self.max_params is not None
+        if self.params_scale == "linear":
+            return float(params - self.max_params)
+        return params_constraint(params, self.max_params)
 
+
+#: study user attribute: the scale of its --max-params constraint values (see Study.params_scale)
+PARAMS_SCALE_ATTR = "params_constraint"
 #: fail reason of a proposal refused before training because it is over --max-params (see Study.over_budget)
 OVER_MAX_PARAMS = "over_max_params"
 
@@ -334,6 +346,7 @@ def prepare(opts: SearchOptions) -> Study:
             raise UserError(f"study {opts.study_name!r} has other objectives; resume with the same ones")
         if attrs.get("n_trials") != opts.n_trials:
             study.set_user_attr("n_trials", opts.n_trials)  # the global budget every worker reads
+        scale = attrs.get(PARAMS_SCALE_ATTR, "linear")
     else:
         study = optuna.create_study(study_name=opts.study_name, storage=storage, sampler=sampler,
                                     directions=directions)
@@ -347,6 +360,8 @@ def prepare(opts: SearchOptions) -> Study:
                                           "seed": opts.fidelity.seed})
         study.set_user_attr("data", dataclasses.asdict(opts.data))
         study.set_user_attr("max_params", max_params)
+        scale = "log10"
+        study.set_user_attr(PARAMS_SCALE_ATTR, scale)
         study.set_user_attr("max_memory", opts.max_memory)
         study.set_user_attr("num_layers", num_layers)
         study.set_user_attr("backbone_params", backbone_params)
@@ -360,7 +375,8 @@ def prepare(opts: SearchOptions) -> Study:
             "tracking_uri": mask_url(opts.tracking_uri) if opts.tracking_uri else None})
         for params in startup:
             study.enqueue_trial(params, skip_if_exists=True)
-    return Study(opts, study, space, distributions, num_layers, dims, head, backbone_params, max_params, task_data)
+    return Study(opts, study, space, distributions, num_layers, dims, head, backbone_params, max_params, task_data,
+                 scale)
 
 
 def room_left(study: optuna.Study, n_trials: int) -> int:
@@ -515,7 +531,7 @@ def record_result(prepared: Study, trial: optuna.Trial, result: Any) -> list[flo
     attrs["loss_curve_stride"] = stride
     constraints = []
     if prepared.max_params is not None:
-        constraints.append(params_constraint(m.trainable_params, prepared.max_params))
+        constraints.append(prepared.params_violation(m.trainable_params))
     if opts.max_memory is not None:
         constraints.append(float(m.peak_memory_mb - opts.max_memory))
     attrs["constraints"] = constraints

@@ -385,7 +385,7 @@ def record_infeasible(prepared: Any, trial: optuna.Trial, spec: Any, memory_mb: 
 
     The stand-in never counts toward the budget, never appears in a front, and is skipped by `counts`.
     """
-    from autopeft.search import OVER_MAX_PARAMS, params_constraint
+    from autopeft.search import OVER_MAX_PARAMS
 
     try:
         study = trial.study
@@ -402,7 +402,7 @@ def record_infeasible(prepared: Any, trial: optuna.Trial, spec: Any, memory_mb: 
         values = [float(table[o]) for o in opts.objectives]
         constraints = []
         if prepared.max_params is not None:
-            over = params_constraint(params, prepared.max_params)
+            over = prepared.params_violation(params)
             constraints.append(over if reason == OVER_MAX_PARAMS else max(1.0, over))
         if opts.max_memory is not None:
             constraints.append(max(1.0, float((memory_mb or 0.0) - opts.max_memory)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -316,3 +317,24 @@ def test_a_pack_trains_its_trials_within_max_params_and_refuses_the_other(tmp_pa
     assert all(isinstance(o, list) for o in (outcomes[0], outcomes[2]))
     assert trials[0].user_attrs[search.PACK_ATTR]["size"] == 2  # the refused one never joined the pack
     assert all(t.user_attrs["trainable_params"] <= limit for t in (trials[0], trials[2]))
+
+
+def test_a_resumed_older_study_keeps_its_linear_params_constraint(tmp_path: Path, tiny_backbone_dir: Path,
+                                                                  toy: DataOptions) -> None:
+    """Studies made before the constraint went to decades recorded params - limit; resumed, they go on so, and
+    one study's constraint values never mix two scales. A new study records the scale it uses."""
+    from autopeft import search
+
+    opts = options(tmp_path, tiny_backbone_dir, toy, n_startup_trials=0, max_params="5000")
+    new = search.prepare(opts)
+    assert new.params_scale == "log10" and new.study.user_attrs[search.PARAMS_SCALE_ATTR] == "log10"
+    assert new.params_violation(50_000) == pytest.approx(1.0)
+    # an older study: the same attributes but that one
+    (tmp_path / "old").mkdir()
+    older = optuna.create_study(study_name=new.study.study_name, storage=f"sqlite:///{tmp_path / 'old' / 'optuna.db'}",
+                                directions=new.study.directions)
+    for key, value in new.study.user_attrs.items():
+        if key != search.PARAMS_SCALE_ATTR:
+            older.set_user_attr(key, value)
+    old = search.prepare(dataclasses.replace(opts, out=str(tmp_path / "old"), resume=True))
+    assert old.params_scale == "linear" and old.params_violation(6000) == 1000.0
