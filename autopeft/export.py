@@ -464,6 +464,8 @@ def select_trial(study: optuna.Study, *, trial: int | None, pick: str | None) ->
     """
     from optuna.trial import TrialState
 
+    from autopeft.worker import FAIL_REASON, SHADOW_ATTR
+
     if (trial is None) == (pick is None):
         raise UserError("give exactly one of --trial N or --pick RULE")
     name = study.study_name
@@ -476,14 +478,14 @@ def select_trial(study: optuna.Study, *, trial: int | None, pick: str | None) ->
                             f"see autopeft front --study {name}")
         t = found[0]
         if t.state == TrialState.FAIL:
-            reason = t.user_attrs.get("autopeft.fail_reason", "error")
+            reason = t.user_attrs.get(FAIL_REASON, "error")
             raise UserError(f"trial {trial} of study {name!r} FAILED ({reason}); only COMPLETE trials have weights "
                             f"to export, see autopeft front --study {name}")
         if t.state != TrialState.COMPLETE:
             raise UserError(f"trial {trial} of study {name!r} is {t.state.name}, not COMPLETE; nothing to export yet")
-        if "autopeft.shadow_of" in t.user_attrs:  # autopeft.worker.record_infeasible: never trained
-            of = t.user_attrs["autopeft.shadow_of"]
-            reason = t.user_attrs.get("autopeft.fail_reason", "infeasible")
+        if SHADOW_ATTR in t.user_attrs:  # autopeft.worker.record_infeasible: never trained
+            of = t.user_attrs[SHADOW_ATTR]
+            reason = t.user_attrs.get(FAIL_REASON, "infeasible")
             raise UserError(f"trial {trial} of study {name!r} only tells the sampler that trial {of} was infeasible "
                             f"({reason}); it was never trained. See autopeft front --study {name}")
         return t

@@ -24,10 +24,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.report import fmt_params
+from autopeft.worker import FAIL_REASON, SHADOW_ATTR
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "dashboards" / "pareto_report.html"
-FAIL_REASON = "autopeft.fail_reason"  # the key search.py stores a failed trial's reason under
 
 #: the files `write_report` produces, by role
 REPORT_HTML = "report.html"
@@ -85,7 +85,7 @@ def points_of(study: optuna.Study, front: Iterable[int], export: Callable[[int],
     run_ids = run_ids or {}
     points = []
     for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished() or "autopeft.shadow_of" in t.user_attrs:  # OOM stand-ins are no results
+        if not t.state.is_finished() or SHADOW_ATTR in t.user_attrs:  # infeasible stand-ins are no results
             continue
         a = t.user_attrs
         points.append(Point(

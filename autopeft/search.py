@@ -30,12 +30,12 @@ from autopeft.models import load_backbone, resolve_backbone
 from autopeft.peft import ModelDims, head_param_count, peft_param_count
 from autopeft.spec import Fidelity, Metrics, PeftSpec
 from autopeft.train import DataOptions, TrialConfig, pick_device, run_trial
+from autopeft.worker import FAIL_REASON, SHADOW_ATTR
 from autopeft.yamlio import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES_DIR = REPO / "studies"
 OBJECTIVES = {"metric": "maximize", "params": "minimize", "memory": "minimize"}
-FAIL_REASON = "autopeft.fail_reason"
 
 
 @dataclass(frozen=True)
@@ -638,8 +638,6 @@ def pack_objective(prepared: Study) -> Callable[[list[optuna.Trial]], list[list[
 
 #: user attribute naming the earlier trial whose measurements a repeated configuration reuses
 DUPLICATE_OF = "autopeft.duplicate_of"
-#: user attribute of a COMPLETE stand-in that tells the sampler a trial was infeasible (OOM; see autopeft.worker)
-SHADOW_ATTR = "autopeft.shadow_of"
 _MEASURED = ("metric_name", "metric", "dev_metric", "trainable_params", "trainable_pct", "backbone_params",
              "peak_memory_mb", "train_seconds", "eval_seconds", "tokens_per_s", "train_loss", "steps", "extra",
              "weights_path", "loss_curve", "loss_curve_stride", "constraints")

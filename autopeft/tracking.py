@@ -36,6 +36,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.report_page import REPORT_HTML, export_command, front_rows, points_of, write_report
+from autopeft.worker import FAIL_REASON, SHADOW_ATTR
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -46,8 +47,6 @@ RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's child run
 STUDY_RUN_ID_PREFIX = "mlflow_run_id."  # study user attr per trial, for runs created after the trial finished
 ERROR_ATTR = "mlflow_error"  # study user attr: the last tracking failure (time, masked message)
 UNLOGGED_ATTR = "mlflow_unlogged"  # study user attr: finished trials not (yet) in MLflow
-FAIL_REASON = "autopeft.fail_reason"
-SHADOW_ATTR = "autopeft.shadow_of"  # autopeft.worker's COMPLETE stand-in of an OOM trial
 
 TAG_STUDY = "autopeft.study"
 TAG_ROLE = "autopeft.role"

@@ -44,7 +44,9 @@ FAIL_REASON = "autopeft.fail_reason"
 FAIL_DETAIL = "autopeft.fail_detail"
 BUDGET_ATTR = "n_trials"
 OPTIONS_ATTR = "search_options"
-SHADOW_ATTR = "autopeft.shadow_of"  # a COMPLETE stand-in that tells the sampler a trial was infeasible (OOM)
+#: user attribute of the COMPLETE stand-in that tells the sampler a trial was infeasible (OOM, over --max-params);
+#: the one definition: search, tracking, the report and export import it
+SHADOW_ATTR = "autopeft.shadow_of"
 WORKER_ATTR = "autopeft.worker"  # host:pid of the worker that ran the trial
 RETRY_OF = "autopeft.retry_of"
 RETRY_REASON = "autopeft.retry_reason"

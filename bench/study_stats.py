@@ -23,6 +23,7 @@ from pathlib import Path
 import optuna
 
 from autopeft.spec import PeftSpec
+from autopeft.worker import FAIL_REASON, SHADOW_ATTR
 
 
 class NoStudy(Exception):
@@ -51,15 +52,15 @@ def stats(db: str, study_name: str) -> dict:
     end = max(t.datetime_complete for t in trials if t.datetime_complete)
     wall = (end - start).total_seconds()
     # COMPLETE stand-ins of infeasible trials (autopeft.worker.record_infeasible) were never trained: not counted
-    shadows = [t for t in trials if "autopeft.shadow_of" in t.user_attrs]
-    trials = [t for t in trials if "autopeft.shadow_of" not in t.user_attrs]
+    shadows = [t for t in trials if SHADOW_ATTR in t.user_attrs]
+    trials = [t for t in trials if SHADOW_ATTR not in t.user_attrs]
     by_state = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     feasible = sum(t.state == optuna.trial.TrialState.COMPLETE and "spec" in t.user_attrs
                    and all(c <= 0 for c in t.user_attrs.get("constraints") or []) for t in trials)
     reasons: dict[str, int] = {}
     for t in trials:
         if t.state == optuna.trial.TrialState.FAIL:
-            why = str(t.user_attrs.get("autopeft.fail_reason", "unknown"))
+            why = str(t.user_attrs.get(FAIL_REASON, "unknown"))
             reasons[why] = reasons.get(why, 0) + 1
     return {"start": start.isoformat(), "end": end.isoformat(), "wall_s": round(wall, 1),
             "trials": {k: v for k, v in by_state.items() if v}, "complete_within_limits": feasible,
