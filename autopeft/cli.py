@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     s.add_argument("--sampler", choices=("botorch", "tpe", "nsga2", "random"))
     s.add_argument("--seed", type=int)
-    s.add_argument("--max-params", help="constraint on trainable params: a count (50000) or a percentage (0.5%%)")
+    s.add_argument("--max-params", help="constraint on trainable params: a count (50000) or a percentage (0.5%%); "
+                                        "a proposal over it is refused untrained (FAILED over_max_params)")
     s.add_argument("--max-memory", type=float, help="constraint on peak memory in MiB")
     s.add_argument("--objectives", type=_objectives,
                    help="comma-separated: metric plus any of params, memory (default: the preset's, all three)")
