@@ -288,6 +288,14 @@ def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return (t if idx is None else t.index_select(0, idx)).unsqueeze(1)
 
 
+def _fresh(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`t` reshaped, as a tensor autograd does not treat as a view of `t` (what `torch.matmul` returns for a
+    3-D by 2-D product): ops may then update it in place without autograd's CopySlices, which in backward
+    would zero, clone and copy the whole activation. Only for a `t` that nothing saves for backward (a GEMM's
+    fresh output), since the two do not share a version counter."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 def _chunk_bmm(acc: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None,
                alpha: float = 1.0, in_place: bool = False, transpose: bool = False) -> torch.Tensor:
     """acc + alpha * x @ W[slot of each chunk] (without acc: x @ W[...]) in x's dtype, x [G, T, a] and W [K, a, b]
@@ -463,7 +471,15 @@ class PackedLinear(nn.Module):
         (`PackState.layout`), per-trial vectors gathered per chunk and broadcast, LoRA as two batched GEMMs
         (x A^T, then accumulated into the shared output, as `reference._add_low_rank` does with addmm).
         Trials without a term get its identity (zero LoRA rows, IA3 and scale of one, bias of zero), which
-        leaves their rows exactly as the loop would."""
+        leaves their rows exactly as the loop would.
+
+        Every pass over the pack's activations counts here: at roberta-large size a pack of 8 is 32k tokens,
+        and its step was bound by elementwise work, not GEMMs (bench/packing_step.py --profile). So the frozen
+        GEMM's output is taken as a tensor of its own (`_fresh`), into which the bias and the LoRA term add in
+        place, for every site (in place on a view, autograd's CopySlices would copy the activation four times in
+        backward); and the per-trial rescalings (DoRA's magnitude, IA3 on the output) and DoRA's bias after them
+        are one multiply-add, (y * d + b) * l as y * (d l) + b l (`kernels.scale_rows`, a Triton kernel on CUDA),
+        instead of three passes."""
         st = self._stacks
         present = {k for k, _, _ in self.state.segments}
         if torch.is_grad_enabled():
@@ -471,32 +487,39 @@ class PackedLinear(nn.Module):
                 s.used |= present
         autocast = torch.is_autocast_enabled(x.device.type)
         shape = x.shape
+        x3 = x.reshape(chunks, -1, shape[-1])
         if "ia3_in" in st:
-            x = (x.reshape(chunks, -1, shape[-1]) * _rows(st["ia3_in"].leaf.to(x.dtype), idx)).view(shape)
-        x_dtype = x.dtype
+            x3 = kernels.scale_rows(x3, st["ia3_in"].leaf.to(x.dtype), None, idx)
+        x_dtype = x3.dtype
         if autocast:  # one cast of x that the base GEMM and x A^T share (autocast would cast it for each)
-            x = x.to(compute_dtype(x))
-        z = F.linear(x, _cast(self.base_layer.weight, x), None if self.own_bias else _cast(self.base_layer.bias, x))
-        dtype = z.dtype
+            x3 = x3.to(compute_dtype(x3))
+        z = F.linear(x3.reshape(-1, shape[-1]), _cast(self.base_layer.weight, x3),
+                     None if self.own_bias else _cast(self.base_layer.bias, x3))
+        y = _fresh(z, (chunks, -1, z.shape[-1]))
+        dtype = y.dtype
         if autocast and not self.in_place:
             for k, d in self._promotes.items():
                 dtype = torch.promote_types(dtype, d) if k in present else dtype
-        y = z.view(chunks, -1, z.shape[-1])
         bias = None
         if "bias" in st:
             bias = st["bias"].leaf.to(st["bias"].dtype if autocast else x_dtype)
             before = bias if "magnitude" not in st else bias * self._before.to(bias.dtype)
-            y = y.add_(_rows(before, idx)) if self.in_place else y + _rows(before, idx)
+            y.add_(_rows(before, idx))  # rounded to y's dtype, as the loop's `(y + b).to(y.dtype)`
         if "A" in st:
             Bt = st["Bt"].leaf if self._alpha is not None else st["Bt"].leaf * self._scalings
-            xa = _chunk_bmm(None, x.reshape(chunks, -1, shape[-1]), st["A"].leaf, idx, transpose=True)
-            y = _chunk_bmm(y, xa, Bt, idx, 1.0 if self._alpha is None else self._alpha, self.in_place)
+            xa = _chunk_bmm(None, x3, st["A"].leaf, idx, transpose=True)
+            y = _chunk_bmm(y, xa, Bt, idx, 1.0 if self._alpha is None else self._alpha, in_place=True)
+        scale = shift = None
         if "magnitude" in st:
-            y = y * _rows(self._dora_scale(x_dtype), idx).to(y.dtype)
+            scale = self._dora_scale(x_dtype).to(y.dtype)
             if bias is not None:
-                y = y + _rows(bias * self._after.to(bias.dtype), idx)
+                shift = bias * self._after.to(bias.dtype)
         if "ia3_out" in st:
-            y = y * _rows(st["ia3_out"].leaf.to(y.dtype), idx)
+            ia3 = st["ia3_out"].leaf.to(y.dtype)
+            scale = ia3 if scale is None else scale * ia3
+            shift = None if shift is None else shift * ia3.to(shift.dtype)
+        if scale is not None:  # an fp32 bias promotes the output, as the loop's `y + b` does
+            y = kernels.scale_rows(y, scale, shift, idx)
         y = y.view(*shape[:-1], y.shape[-1])
         return y if y.dtype == dtype else y.to(dtype)
 

@@ -239,6 +239,9 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     # what decides whether "auto" should take it (kernels.AUTO_ACCUMULATE)
     out += [("ours_acc_lora8_all", _ours(OUR_SPECS["lora8_all"]), "accumulate"),
             ("ours_acc_lora8_all_graphed", _ours(OUR_SPECS["lora8_all"]), "accumulate")]
+    # IA3 with its rescalings as PyTorch's broadcasting multiplies (kernels off): what "auto" ran before the
+    # Triton `scale_rows` (kernels.AUTO_SCALE_ROWS), side by side with it
+    out += [("ours_off_ia3", _ours(OUR_SPECS["ia3"]), "off"), ("ours_off_ia3_graphed", _ours(OUR_SPECS["ia3"]), "off")]
     return out
 
 
@@ -272,6 +275,11 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
         inputs = {"inputs_embeds": model.get_input_embeddings()(ids).detach().requires_grad_(True)}
     else:
         inputs = {"input_ids": ids}
+    # an attention mask (all ones: every row full), as the trainer always passes one. Without it a CUDA graph's
+    # capture of a BERT-style encoder runs SDPA's fp32 math fallback, 1.5x the attention kernel's time
+    # (bench/profile/sdpa_capture.py, sdpa_capture-h200-2026-11-30.json), which made every graphed arm
+    # (the floor's too) slower than the trainer's
+    inputs["attention_mask"] = torch.ones_like(ids)
 
     def step() -> None:
         if cudagraphs:
@@ -291,8 +299,8 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
     from autopeft.cuda_graphs import GraphedStep
 
     # the floor has no parameters: its gradient goes to the embeddings, a leaf the graph reads where it lies
-    fixed = inputs if embeds else {}
-    batch = {"labels": labels} if embeds else {**inputs, "labels": labels}
+    fixed = {"inputs_embeds": inputs["inputs_embeds"]} if embeds else {}
+    batch = {k: v for k, v in inputs.items() if k not in fixed} | {"labels": labels}
 
     def forward_backward(b: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = model(**fixed, **b).loss

@@ -109,8 +109,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile the eager arms (grouped, unpacked): device time per step by category "
                          "(GEMM, attention, optimizer, copies/casts, other) and the top kernels")
+    ap.add_argument("--kernels", choices=("auto", "off"), default="auto",
+                    help="autopeft.kernels mode: off runs the rescalings (IA3, DoRA's magnitude) as PyTorch's "
+                         "broadcasting multiplies instead of the Triton `scale_rows` (auto on CUDA); results go to "
+                         "packing_step_kernels_off-*.json")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    from autopeft import kernels
+
+    kernels.set_kernels(args.kernels)
     if args.tiny:
         device = pick_device("cpu")
         args.batch_size, args.max_length = min(args.batch_size, 4), min(args.max_length, 16)
@@ -246,8 +253,9 @@ def main() -> None:
              "grouped_graphed (CUDA only) = the grouped step's forward + backward as one CUDA graph (the first "
              "warm-up step captures it; packed_graphed = 1 when it did), clip + AdamW outside; tokens/s = K x rows "
              "x tokens per step (every row full); "
-             f"{device_name(device)}")
-    write_results("packing_step_tiny" if args.tiny else "packing_step", rows, summary, out_dir=args.out,
+             f"autopeft.kernels mode {args.kernels}; {device_name(device)}")
+    name = "packing_step" + ("_kernels_off" if args.kernels == "off" else "") + ("_tiny" if args.tiny else "")
+    write_results(name, rows, summary, out_dir=args.out,
                   notes=notes, device=device)
 
 

@@ -3,11 +3,12 @@
 Every public op has one signature for every path. "off" always uses the reference; "on" insists on Triton
 (on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels); "accumulate" sends LoRA to
 `accumulate` (the reference's GEMMs, its own backward). "auto" (the trainer's default)
-picks, per op, the path that measured faster on an H100 (bench/kernels.py, bench/results/kernels-*.json):
-today that is the reference for every op. At encoder sizes a step is launch-bound, and our Triton GEMM with
-the low-rank epilogue costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it
-replaces, and is 35-60% slower than cuBLAS on large shapes; the reference instead folds the low-rank term
-into the base output with one accumulating cuBLAS GEMM (`addmm`), which removes the scale and add kernels.
+picks, per op, the path that measured faster on an H100/H200 (bench/kernels.py, bench/packing_step.py,
+bench/results/): the reference for the GEMM ops, Triton's `scale_rows` for rescalings (IA3's, a pack's).
+For the GEMM ops: at encoder sizes a step is launch-bound, and our Triton GEMM with the low-rank epilogue
+costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it replaces, and is 35-60%
+slower than cuBLAS on large shapes; the reference instead folds the low-rank term into the base output
+with one accumulating cuBLAS GEMM (`addmm`), which removes the scale and add kernels.
 `AUTO_TRITON` lists the ops "auto" sends to Triton, so a kernel that wins a measurement is one line away.
 
 The dispatch reads only the mode, the op's name and `x.is_cuda`, and asks for triton once per process, so
@@ -29,8 +30,12 @@ import torch
 from autopeft.kernels import accumulate, reference
 
 MODES = ("auto", "on", "off", "accumulate")
-#: ops that "auto" runs through Triton on CUDA (empty until a kernel beats the reference in bench/kernels.py)
-AUTO_TRITON: frozenset[str] = frozenset()
+#: ops that "auto" runs through Triton on CUDA: those that beat the reference in bench/kernels.py or
+#: bench/packing_step.py. `scale_rows`: a broadcasting multiply is on PyTorch's non-vectorised elementwise path
+AUTO_TRITON: frozenset[str] = frozenset({"scale_rows"})
+#: ops that "auto" runs on CUDA as the reference's cuBLAS GEMMs with their broadcast rescalings through the
+#: Triton `scale_rows` (`rowscale.ia3_linear`), rather than the fused-GEMM kernel "on" runs
+AUTO_SCALE_ROWS: frozenset[str] = frozenset({"ia3_linear"})
 #: the ops `accumulate` implements: the reference's GEMMs with a backward that sums each input gradient in the
 #: frozen GEMM's epilogue instead of in autograd's separate add. Mode "accumulate" runs them so (any device);
 #: "auto" runs the ones in AUTO_ACCUMULATE so on CUDA. Empty: measured on an H200 (kernels_accumulate-h200-
@@ -66,7 +71,12 @@ def _use_triton(x: torch.Tensor, name: str) -> bool:
         return False
     if _mode == "on":
         return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return name in AUTO_TRITON and x.is_cuda and triton_available()
+    return name in AUTO_TRITON and x.is_cuda and triton_available() and not torch.compiler.is_compiling()
+
+
+def _use_scale_rows(x: torch.Tensor, name: str) -> bool:
+    return (_mode == "auto" and name in AUTO_SCALE_ROWS and x.is_cuda and triton_available()
+            and not torch.compiler.is_compiling())
 
 
 def _use_accumulate(x: torch.Tensor, name: str) -> bool:
@@ -87,6 +97,10 @@ def _dispatch(name: str) -> Callable[..., Any]:
             fn = getattr(fused, name, None)
             if fn is not None:
                 return fn(x, *args, **kwargs)
+        if _use_scale_rows(x, name):
+            from autopeft.kernels import rowscale
+
+            return getattr(rowscale, name)(x, *args, **kwargs)
         if _use_accumulate(x, name):
             return getattr(accumulate, name)(x, *args, **kwargs)
         return ref(x, *args, **kwargs)
@@ -101,6 +115,7 @@ lora_linear_multi = _dispatch("lora_linear_multi")
 dora_linear = _dispatch("dora_linear")
 bottleneck_adapter = _dispatch("bottleneck_adapter")
 ia3_linear = _dispatch("ia3_linear")
+scale_rows = _dispatch("scale_rows")
 
 __all__ = ["MODES", "accumulate", "bottleneck_adapter", "dora_linear", "ia3_linear", "kernels_mode", "lora_linear",
-           "lora_linear_multi", "reference", "set_kernels", "triton_available"]
+           "lora_linear_multi", "reference", "scale_rows", "set_kernels", "triton_available"]

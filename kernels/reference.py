@@ -111,3 +111,22 @@ def ia3_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale_o
         x = x * scale_in.to(x.dtype)
     y = F.linear(x, _cast(w, x), _cast(b, x))
     return y * scale_out.to(y.dtype) if scale_out is not None else y
+
+
+def _chunk_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Per-slot [K, F] -> per-chunk [G, 1, F] (row idx[g] for chunk g, row g without idx)."""
+    return (t if idx is None else t.index_select(0, idx)).unsqueeze(1)
+
+
+def scale_rows(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None,
+               idx: torch.Tensor | None = None) -> torch.Tensor:
+    """y [G, T, F] * scale[slot] + shift[slot], the slot of chunk g being idx[g] (g without idx), scale and shift
+    [K, F]: a per-feature rescaling applied per chunk of rows. IA3 is it with one chunk; a pack of trials
+    (`autopeft.packing`) rescales each trial's rows with its own DoRA magnitude and IA3 vectors. One `addcmul`
+    where the shift has y's dtype (a shift of a wider dtype promotes the result, as `y * s + c` does)."""
+    s = _chunk_rows(scale, idx)
+    if shift is None:
+        return y * s
+    c = _chunk_rows(shift, idx)
+    return torch.addcmul(c, y, s) if c.dtype == y.dtype else y * s + c
+

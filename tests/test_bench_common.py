@@ -58,6 +58,9 @@ def test_a_gpu_profile_counts_each_kernel_once() -> None:
               event(2, "aten::mm", 60, 90, DeviceType.CPU),
               event(3, "nvjet_sm90_tst_256x128", 320, 620, DeviceType.CUDA),
               event(4, "direct_copy_kernel_cuda", 700, 800, DeviceType.CUDA)]
+    # a record_function range (the optimizer's) shows on the GPU timeline too, spanning kernels already counted
+    events.append(FunctionEvent(id=5, name="Optimizer.step#AdamW.step", thread=0, start_us=0, end_us=800,
+                                device_type=DeviceType.CUDA, is_user_annotation=True))
     rows = device_rows(events)
     assert sorted(rows) == [("direct_copy_kernel_cuda", 100.0, 1), ("nvjet_sm90_tst_256x128", 600.0, 2)]
     prof = summarize_profile(rows, steps=2)
