@@ -10,14 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from autopeft.kernels import casts
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
 def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """Cast to the activation dtype, except under autocast, which casts GEMM operands itself: an explicit cast
     there would turn a bf16 frozen weight into fp32 (LayerNorm outputs are fp32 under autocast) and back, two
-    full copies of the weight per call."""
-    if t is None or torch.is_autocast_enabled(like.device.type):
+    full copies of the weight per call. A trainable tensor the step has already cast (`casts`: all of a model's
+    adapter parameters in one kernel) comes from there, autocast or not."""
+    if t is None:
+        return t
+    if casts.has_cast(t):
+        return casts.cast(t, compute_dtype(like))
+    if torch.is_autocast_enabled(like.device.type):
         return t
     return t.to(like.dtype)
 
@@ -71,7 +78,10 @@ def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Te
     and copy a full-width buffer per part). Each part then goes through exactly `lora_linear`'s epilogue.
     """
     x2 = _rows(x)
-    xa = F.linear(x2, _cast(torch.cat(As, 0), x))
+    if all(casts.has_cast(a) for a in As):  # already cast this step: concatenate the casts
+        xa = F.linear(x2, torch.cat([_cast(a, x) for a in As], 0))
+    else:
+        xa = F.linear(x2, _cast(torch.cat(As, 0), x))
     parts = xa.split([a.shape[0] for a in As], -1)
     outs = []
     for w, b, part, bb, s in zip(ws, bs, parts, Bs, scalings, strict=True):
@@ -108,9 +118,9 @@ def ia3_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale_o
                scale_in: torch.Tensor | None = None) -> torch.Tensor:
     """IA3: the input (o, ffn_out) or the output (q, k, v, ffn_in) of a frozen linear rescaled per feature."""
     if scale_in is not None:
-        x = x * scale_in.to(x.dtype)
+        x = x * casts.cast(scale_in, x.dtype)
     y = F.linear(x, _cast(w, x), _cast(b, x))
-    return y * scale_out.to(y.dtype) if scale_out is not None else y
+    return y * casts.cast(scale_out, y.dtype) if scale_out is not None else y
 
 
 def _chunk_rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

@@ -27,17 +27,24 @@ BLOCK_F = 128
 
 
 @triton.jit
-def _forward(Y, S, C, IDX, OUT, T, F, n_t_blocks,
-             HAS_SHIFT: tl.constexpr, HAS_IDX: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+def _tile(IDX, T, F, n_t_blocks, HAS_IDX: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+    """This program's tile: BT rows of one chunk x BF features. Returns the chunk's slot, the features, their
+    mask, the tile's element offsets and its mask."""
     pid = tl.program_id(0)
     g = pid // n_t_blocks
     rows = (pid % n_t_blocks) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     slot = tl.load(IDX + g) if HAS_IDX else g
     cmask = cols < F
-    s = tl.load(S + slot * F + cols, mask=cmask, other=0.0).to(tl.float32)
     offs = (g * T + rows)[:, None].to(tl.int64) * F + cols[None, :]
-    mask = (rows < T)[:, None] & cmask[None, :]
+    return slot, cols, cmask, offs, (rows < T)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _forward(Y, S, C, IDX, OUT, T, F, n_t_blocks,
+             HAS_SHIFT: tl.constexpr, HAS_IDX: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr):
+    slot, cols, cmask, offs, mask = _tile(IDX, T, F, n_t_blocks, HAS_IDX, BT, BF)
+    s = tl.load(S + slot * F + cols, mask=cmask, other=0.0).to(tl.float32)
     out = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32) * s[None, :]
     if HAS_SHIFT:
         out += tl.load(C + slot * F + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -49,13 +56,7 @@ def _backward(G, Y, S, IDX, GY, PS, PC, T, F, n_t_blocks,
               NEED_Y: tl.constexpr, NEED_S: tl.constexpr, NEED_C: tl.constexpr, HAS_IDX: tl.constexpr,
               BT: tl.constexpr, BF: tl.constexpr):
     pid = tl.program_id(0)
-    g_idx = pid // n_t_blocks
-    rows = (pid % n_t_blocks) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BF + tl.arange(0, BF)
-    slot = tl.load(IDX + g_idx) if HAS_IDX else g_idx
-    cmask = cols < F
-    offs = (g_idx * T + rows)[:, None].to(tl.int64) * F + cols[None, :]
-    mask = (rows < T)[:, None] & cmask[None, :]
+    slot, cols, cmask, offs, mask = _tile(IDX, T, F, n_t_blocks, HAS_IDX, BT, BF)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     if NEED_Y:
         s = tl.load(S + slot * F + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -128,11 +129,12 @@ def ia3_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale_o
                scale_in: torch.Tensor | None = None) -> torch.Tensor:
     """`reference.ia3_linear` with cuBLAS for the GEMM and `scale_rows` for each rescaling, instead of a
     broadcasting multiply (non-vectorised in PyTorch) and autograd's three-pass backward of it."""
+    from autopeft.kernels import casts
     from autopeft.kernels.reference import _cast
 
     if scale_in is not None:
-        x = scale_rows(x.reshape(1, -1, x.shape[-1]), scale_in.to(x.dtype).view(1, -1)).view(x.shape)
+        x = scale_rows(x.reshape(1, -1, x.shape[-1]), casts.cast(scale_in, x.dtype).view(1, -1)).view(x.shape)
     y = F.linear(x, _cast(w, x), _cast(b, x))
     if scale_out is None:
         return y
-    return scale_rows(y.reshape(1, -1, y.shape[-1]), scale_out.to(y.dtype).view(1, -1)).view(y.shape)
+    return scale_rows(y.reshape(1, -1, y.shape[-1]), casts.cast(scale_out, y.dtype).view(1, -1)).view(y.shape)

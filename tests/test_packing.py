@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from autopeft.errors import TrialFailed, UserError
-from autopeft.packing import PackedLinear, pack_trials, train_pack
+from autopeft.packing import PackedLinear, PackState, pack_trials, train_pack
 from autopeft.peft import trainable_state_dict
 from autopeft.train import DataOptions, TrialConfig, TrialResult, run_trial
 from tests.test_train import cfg, write_sentiment_csv
@@ -239,6 +239,17 @@ def _linear_slots(mix: str, base: torch.nn.Linear) -> list[torch.nn.Module]:
     return slots
 
 
+def packed_site(mix: str) -> tuple[list[torch.nn.Module], PackState, PackedLinear]:
+    """One packed linear site over `_linear_slots(mix)`: its trials' modules, its PackState, the site."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    slots = _linear_slots(mix, base)
+    state = PackState()
+    return slots, state, PackedLinear(base, slots, state)
+
+
 def _layout(name: str, slots: int) -> list[tuple[int, int, int]]:
     if name == "identity":  # every slot, in order, equal sizes: no gathering
         return [(k, 2 * k, 2 * k + 2) for k in range(slots)]
@@ -257,15 +268,7 @@ def test_packed_linear_segments_are_each_trials_own_layer(mix: str, autocast: bo
     gradients, grouped (stacked parameters, batched GEMMs) and per segment, on the out-of-place path (DoRA,
     IA3) and the in-place one (LoRA, BitFit biases), for every row layout, in fp32 and under bf16 autocast
     (what training on a GPU runs). A slot with no rows in the batch gets no gradient, as autograd would."""
-    from autopeft.packing import PackState
-
-    torch.manual_seed(0)
-    base = torch.nn.Linear(8, 6)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    slots = _linear_slots(mix, base)
-    state = PackState()
-    packed = PackedLinear(base, slots, state)
+    slots, state, packed = packed_site(mix)
     assert packed.in_place == (mix == "lora_bias")
     if grouped:
         assert state.stack() == 1

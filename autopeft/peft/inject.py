@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from autopeft.errors import UserError
+from autopeft.kernels import casts
 from autopeft.models import architecture_of, get_layers, head_parameters
 from autopeft.peft.bitfit import enable_bitfit
 from autopeft.peft.count import ModelDims
@@ -93,6 +94,12 @@ def inject(model: nn.Module, spec: PeftSpec, *, share_input: bool = True) -> Inj
     for name, p in model.named_parameters():
         if "autopeft_" in name:
             p.requires_grad_(True)
+    # every adapter tensor the ops read in the compute dtype, cast once per step. Not DoRA's magnitude (read in
+    # fp32), nor prefixes: SDPA's backward through prefix casts gave other gradients on an H200 than through
+    # per-use casts (bench/profile/step_casts_check.py), at unaligned offsets; the offsets are aligned now, but
+    # that has not been rerun on a GPU
+    casts.install(model, [p for name, p in model.named_parameters()
+                          if "autopeft_" in name and "dora_magnitude" not in name and "autopeft_prefix" not in name])
     head = head_parameters(model)
     for p in head:
         p.requires_grad_(True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from autopeft import kernels
 from autopeft.errors import UserError
+from autopeft.kernels import casts
 from autopeft.peft.dora import init_magnitude
 from autopeft.peft.ia3 import ia3_side, init_ia3
 from autopeft.peft.lora import init_lora, lora_scaling
@@ -69,7 +70,7 @@ class PeftLinear(nn.Module):
         if not self.rank:
             return kernels.ia3_linear(x, w, b, scale_out=scale_out, scale_in=scale_in)
         if scale_in is not None:
-            x = x * scale_in.to(x.dtype)
+            x = x * casts.cast(scale_in, x.dtype)
         if self.dora:
             y = kernels.dora_linear(x, w, b, self.autopeft_lora_A, self.autopeft_lora_B,
                                     self.autopeft_dora_magnitude, self.scaling)
@@ -78,7 +79,7 @@ class PeftLinear(nn.Module):
         else:
             y = kernels.lora_linear(x, w, b, self.autopeft_lora_A, self.autopeft_lora_B, self.scaling,
                                     dropout=self.dropout, training=self.training)
-        return y * scale_out.to(y.dtype) if scale_out is not None else y
+        return y * casts.cast(scale_out, y.dtype) if scale_out is not None else y
 
     def merged_weight(self) -> torch.Tensor:
         """W with the update folded in (what an exported, merged model would hold); IA3 not included."""

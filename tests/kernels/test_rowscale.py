@@ -62,16 +62,9 @@ def test_ia3_linear_on_scale_rows(side: str, seed: int) -> None:
 def test_packed_linear_on_the_kernel_is_each_trials_own_layer(mix: str, layout: str) -> None:
     """A pack's grouped site with its rescalings (DoRA, IA3 in and out) through the Triton kernel, as it runs on
     a GPU: each trial's rows and gradients are its own PeftLinear's."""
-    from autopeft.packing import PackedLinear, PackState
-    from tests.test_packing import _assert_same_grads, _layout, _linear_slots
+    from tests.test_packing import _assert_same_grads, _layout, packed_site
 
-    torch.manual_seed(0)
-    base = torch.nn.Linear(8, 6)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    slots = _linear_slots(mix, base)
-    state = PackState()
-    packed = PackedLinear(base, slots, state)
+    slots, state, packed = packed_site(mix)
     assert state.stack() == 1
     state.segments = _layout(layout, len(slots))
     x = torch.randn(state.segments[-1][2], 5, 8, requires_grad=True)
