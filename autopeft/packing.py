@@ -28,7 +28,8 @@ How a pack is built, so that packed and sequential training are the same computa
   fallback) they were what bounded a pack: measured on an H200, 8 packed trials ran 1.4x the trials per
   GPU-hour of one-by-one training on MiniLM and only 1.05x on a roberta-large-size encoder, whose packed step
   (24 layers x up to 6 linears x 8 segments of launches, forward and backward) took 500 ms, as long as 8
-  unpacked steps. Grouped, that step takes 258 ms against 434 ms looped, and packs of 8 run 2.8x (MiniLM) and
+  unpacked steps. Grouped, that step took 258 ms against 434 ms looped (198 ms graphed since `_fresh` and
+  `kernels.scale_rows`, see `_grouped`), and packs of 8 run 2.8x (MiniLM) and
   3.0x (roberta-large size) HF PEFT's trials per GPU-hour (H200, 2026-11-29, bench/results/packing*-h200-*.json;
   bench/packing_step.py times a step both ways). What still grows with K is listed below. Grouping needs
   a site's K parameters side by side: each term is one fp32 tensor [K, widest...] (`_Stack`) of which each

@@ -133,7 +133,7 @@ def test_the_gpu_check_script_finds_no_difference_on_cpu(prefix: bool, monkeypat
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "profile"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench" / "profile"))
     from step_casts_check import main
 
     monkeypatch.setattr(sys, "argv", ["step_casts_check.py", "--device", "cpu"] + (["--prefix-casts"] if prefix
