@@ -85,7 +85,7 @@ from torch import nn
 from autopeft import kernels
 from autopeft.cuda_graphs import GraphedStep, StaticGradients, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
-from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast, compute_dtype
+from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast, _chunk_rows, compute_dtype
 from autopeft.models import architecture_of, get_layers, resolve_backbone
 from autopeft.peft import inject
 from autopeft.peft.linear import PeftLinear
@@ -282,11 +282,6 @@ class _Stack:
         if slot is None and self.static:
             self.leaf.grad = None
             self.static = False
-
-
-def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """Per-slot [K, F] -> per-chunk [G, 1, F], broadcasting over each chunk's tokens."""
-    return (t if idx is None else t.index_select(0, idx)).unsqueeze(1)
 
 
 def _fresh(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -505,7 +500,7 @@ class PackedLinear(nn.Module):
         if "bias" in st:
             bias = st["bias"].leaf.to(st["bias"].dtype if autocast else x_dtype)
             before = bias if "magnitude" not in st else bias * self._before.to(bias.dtype)
-            y.add_(_rows(before, idx))  # rounded to y's dtype, as the loop's `(y + b).to(y.dtype)`
+            y.add_(_chunk_rows(before, idx))  # rounded to y's dtype, as the loop's `(y + b).to(y.dtype)`
         if "A" in st:
             Bt = st["Bt"].leaf if self._alpha is not None else st["Bt"].leaf * self._scalings
             xa = _chunk_bmm(None, x3, st["A"].leaf, idx, transpose=True)
@@ -859,10 +854,10 @@ class _AdapterSite:
             if autocast:
                 inp = inp.to(compute_dtype(inp))
             down, down_bias, up_t, up_bias = (p[n].leaf for n in self.WEIGHTS)
-            h = p["activation"](_chunk_bmm(_rows(down_bias.to(inp.dtype), idx), inp, down, idx, transpose=True))
-            up = _chunk_bmm(_rows(up_bias.to(h.dtype), idx), h, up_t, idx)
+            h = p["activation"](_chunk_bmm(_chunk_rows(down_bias.to(inp.dtype), idx), inp, down, idx, transpose=True))
+            up = _chunk_bmm(_chunk_rows(up_bias.to(h.dtype), idx), h, up_t, idx)
             if p["scales"] is not None:
-                y = y + up * _rows(p["scales"].to(up.dtype), idx)
+                y = y + up * _chunk_rows(p["scales"].to(up.dtype), idx)
             else:
                 y = y + up if p["alpha"] == 1.0 else torch.add(y, up, alpha=p["alpha"])
         return y.view(out.shape)

@@ -245,15 +245,17 @@ class Study:
     def params_of(self, spec: Any) -> int:
         return peft_param_count(spec, self.dims) + self.head_params
 
+    def fits(self, spec: Any) -> bool:
+        """Whether the configuration meets --max-params (always, without one)."""
+        return self.max_params is None or self.params_of(spec) <= self.max_params
+
     def over_budget(self, spec: Any) -> TrialFailed | None:
         """A proposal over --max-params, refused before training: its count is known in closed form, and
         training it would spend a trial's time on a point the user excluded (in a 2026-11-30 study under IA3's
         17k params, 229 of 242 trained trials were over the limit)."""
-        if self.max_params is None:
+        if self.fits(spec):
             return None
         params = self.params_of(spec)
-        if params <= self.max_params:
-            return None
         return TrialFailed(OVER_MAX_PARAMS, f"{params:,} trainable params > --max-params {self.max_params:,}; "
                                             "not trained")
 
@@ -672,10 +674,9 @@ def fresh_point(prepared: Study, trial: optuna.Trial, tries: int = 200) -> dict[
     land there again. One random, new configuration after each repeat keeps the search moving.
     """
     known = {spec_key(t.user_attrs["spec"]) for t in trial.study.get_trials(deepcopy=False) if "spec" in t.user_attrs}
-    limit = prepared.max_params
     points = sample_configs(prepared.space, prepared.num_layers,
                             random.Random(prepared.opts.seed * 100_003 + trial.number), 1, tries=tries,
-                            fits=lambda spec: limit is None or prepared.params_of(spec) <= limit, exclude=known)
+                            fits=prepared.fits, exclude=known)
     return points[0] if points else None
 
 

@@ -6,9 +6,9 @@ few microseconds of almost nothing. On a GPU the step of an encoder is made of s
 roberta-large-size step with LoRA r8 on all linears ran 3,289 kernels in 24 ms against the frozen floor's 1,011
 in 14 ms, bench/results/kernels_attention_mask-h200-2026-11-30.json), and LoRA on all 144 linears has 288
 parameters: 576 cast kernels a step. Here one `torch.cat` and one cast make them all at the start of the
-forward, and the backward gathers their gradients into one fp32 buffer the same way: `step_casts` (a forward
-pre-hook `inject` installs) makes the casts and `cast` (which every adapter op's parameter cast goes through)
-hands them out until the forward returns.
+forward, and the backward gathers their gradients into one fp32 buffer the same way: `begin` (a forward
+pre-hook that `install`, called by `inject`, puts on the model) makes the casts and `cast` (which every adapter
+op's parameter cast goes through) hands them out until the forward returns (`end`).
 
 The casts are made inside the forward, so a CUDA graph captured over the step recomputes them from the
 updated fp32 parameters at every replay. They exist only while a forward with gradients runs outside
@@ -29,8 +29,9 @@ _casts: dict[int, torch.Tensor] = {}
 
 
 #: every cast starts ALIGN elements into the buffer after the previous one's start (128 bytes in bf16): a
-#: kernel handed a view at an odd offset may assume an aligned pointer. Measured on an H200, SDPA's backward
-#: through a prefix key/value cast at an unaligned offset returned wrong gradients (tests pass on CPU either way)
+#: kernel handed a view at an odd offset may assume an aligned pointer. On an H200, SDPA's backward through
+#: prefix key/value casts at unaligned offsets gave other gradients than per-use casts; misalignment is the
+#: suspect, not a finding (the aligned buffer has not run on a GPU; on CPU both agree bitwise)
 ALIGN = 64
 
 
@@ -75,7 +76,7 @@ class _CastAll(torch.autograd.Function):
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` in `dtype`: this step's cast of it where `step_casts` made one, else `t.to(dtype)`."""
+    """`t` in `dtype`: this step's cast of it where `begin` made one, else `t.to(dtype)`."""
     c = _casts.get(id(t))
     return c if c is not None and c.dtype == dtype else t.to(dtype)
 
