@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                                                "over CUDA_VISIBLE_DEVICES) on CUDA, else N CPU workers")
     s.add_argument("--proposal-batch", type=int, help="BoTorch configurations chosen per GP fit (a q-batch); the "
                                                       "others wait in the study for the next trials")
-    s.add_argument("--pack-size", type=int, help="train up to K trials at once on one shared frozen backbone "
-                                                 "(default: the preset's gpu_pack_size on a GPU, 1 on CPU)")
+    s.add_argument("--pack-size", help="train up to K trials at once on one shared frozen backbone, or `auto`: as "
+                                       "many as the GPU's memory holds, up to 8 (estimated, then measured per pack; "
+                                       "1 on CPU) (default: the preset's gpu_pack_size on a GPU, 1 on CPU)")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--heldout-examples", type=int, help="size of the selection split carved from train")
     fid = s.add_argument_group("fidelity (overrides the preset's, per trial)")

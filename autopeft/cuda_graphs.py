@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autopeft import kernels
 from autopeft.errors import UserError
 from autopeft.spec import CUDA_GRAPH_MODES
 
@@ -193,7 +194,7 @@ class GraphedStep(StaticGradients):
         """One real step, eagerly, on a side stream (PyTorch's recipe before a capture)."""
         current = torch.cuda.current_stream()
         self._side.wait_stream(current)
-        with torch.cuda.stream(self._side):
+        with torch.cuda.stream(self._side), kernels.graphed():
             loss = self._fn(static).detach()
         current.wait_stream(self._side)
         # copied on the caller's stream; the side stream's blocks are reused only after it waits for the caller
@@ -207,7 +208,7 @@ class GraphedStep(StaticGradients):
         self._side.wait_stream(torch.cuda.current_stream())
         # torch.cuda.graph would leave the capture stream current if capture_end raised: driven by hand, a
         # failed capture always restores the caller's stream and reports the op that failed, not the aftermath
-        with torch.cuda.stream(self._side):
+        with torch.cuda.stream(self._side), kernels.graphed():
             graph.capture_begin(pool=self._pool)
             try:
                 loss = self._fn(static).detach()

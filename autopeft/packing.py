@@ -63,8 +63,8 @@ to all of its trials (it is reported as `PackStats.peak_memory_mb`).
 Wired into the search: with `--pack-size K` (`autopeft search`, and every `autopeft worker` of the study),
 `worker.work` asks K trials at once (BoTorch proposes them as one q-batch: `sampler.make_sampler(batch=)`),
 `search.pack_objective` trains them with `train_pack` and each trial is told its own result. K is the
-study's setting; `plan_pack_size` is the estimate a memory-aware K would start from (not used automatically
-yet).
+study's setting, or with `--pack-size auto` what the device's memory holds (`autopeft.pack_size`: estimated,
+then measured from each pack's `PackStats`).
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ class PackedLinear(nn.Module):
         GEMM's output is taken as a tensor of its own (`_fresh`), into which the bias and the LoRA term add in
         place, for every site (in place on a view, autograd's CopySlices would copy the activation four times in
         backward); and the per-trial rescalings (DoRA's magnitude, IA3 on the output) and DoRA's bias after them
-        are one multiply-add, (y * d + b) * l as y * (d l) + b l (`kernels.scale_rows`, a Triton kernel on CUDA),
+        are one multiply-add, (y * d + b) * l as y * (d l) + b l (`kernels.scale_rows`, a Triton kernel in CUDA graphs),
         instead of three passes."""
         st = self._stacks
         present = {k for k, _, _ in self.state.segments}
@@ -914,6 +914,7 @@ class PackStats:
     graph_replays: int = 0  # packed steps that were one graph's replay
     graph_steps_eager: int = 0  # packed steps of the graphed path run uncaptured (a short batch in them)
     graph_failure: str | None = None  # why a capture failed (the pack then went on eagerly, under "auto")
+    backbone_memory_mb: float = 0.0  # allocated once the shared backbone was on the device (CUDA; else 0)
 
     @property
     def tokens_per_s(self) -> float:
@@ -924,20 +925,6 @@ class PackStats:
 class Pack:
     results: list[TrialResult | TrialFailed]
     stats: PackStats
-
-
-def plan_pack_size(limit_mb: float, *, backbone_mb: float, per_trial_mb: float, max_size: int = 16) -> int:
-    """How many trials fit in `limit_mb`: the shared backbone once, plus `per_trial_mb` for each trial.
-
-    Estimate, then measure: a worker starts from an estimate of `per_trial_mb` (a trial's activations and
-    adapter state at its fidelity), trains a pack, and replans with the measured increment,
-    `(PackStats.peak_memory_mb - backbone_mb) / PackStats.size`. At least 1 (a trial that does not fit alone
-    runs, and fails `oom`, unpacked as before); at most `max_size`, past which the pack's padding (every trial
-    to the widest example) and its remaining per-segment work (prefixes, heads) cost more than sharing saves.
-    """
-    if per_trial_mb <= 0:
-        return max_size
-    return max(1, min(max_size, int((limit_mb - backbone_mb) // per_trial_mb)))
 
 
 def packable(spec: PeftSpec) -> str | None:
@@ -1007,6 +994,7 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
         trials.append(_Trial(slot, cfg, spec, model, number, fault))
     state = build_packed_model(base, [t.model for t in trials], [t.spec for t in trials])
     base.to(dev)
+    run = _Run(backbone_mb=torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0)
     cache_tag = (resolve_backbone(configs[0].backbone), task.name, task.source)
     for t in trials:
         _prepare(t, task, tokenizer, select, heldout_fraction, dev, cache_tag)
@@ -1018,7 +1006,6 @@ def train_pack(configs: Sequence[TrialConfig], *, task: TaskData | None = None, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not static) if bf16 else _null()
     base.train()
     active = [t for t in trials if t.total_steps > 0]
-    run = _Run()
     mem: PeakMemory | None = None
     try:
         with PeakMemory(dev) as mem:
@@ -1070,11 +1057,12 @@ class _Run:
     replays: int = 0
     steps_eager: int = 0
     failure: str | None = None
+    backbone_mb: float = 0.0
 
     def stats(self, size: int, seconds: float, peak_mb: float, state: PackState, dev: torch.device) -> PackStats:
         used = self.graphed and dev.type == "cuda" and self.failure is None and self.captures > 0
         return PackStats(size, seconds, self.tokens, peak_mb, self.steps, state.grouped, state.looped, int(used),
-                         self.captures, self.replays, self.steps_eager, self.failure)
+                         self.captures, self.replays, self.steps_eager, self.failure, self.backbone_mb)
 
 
 def _eager_steps(base: nn.Module, state: PackState, active: list[_Trial], dev: torch.device, autocast: Any,

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autopeft.cuda_graphs import use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
 from autopeft.models import load_backbone, resolve_backbone
+from autopeft.pack_size import AUTO, PackPlanner, most_trials, packs, parse_pack_size
 from autopeft.peft import ModelDims, head_param_count, peft_param_count
 from autopeft.spec import Fidelity, Metrics, PeftSpec
 from autopeft.train import DataOptions, TrialConfig, pick_device, run_trial
@@ -67,7 +68,9 @@ class SearchOptions:
     progress: bool = True
     workers: int | None = None  # None/1: trials run in this process; N > 1: N `autopeft worker` processes
     proposal_batch: int = 1  # BoTorch configurations proposed per GP fit (see autopeft.sampler.make_sampler)
-    pack_size: int = 1  # trials trained together on one shared backbone (autopeft.packing); 1 = one at a time
+    #: trials trained together on one shared backbone (autopeft.packing); 1 = one at a time; "auto": as many as the
+    #: device's memory holds (autopeft.pack_size)
+    pack_size: int | str = 1
 
     @property
     def study_name(self) -> str:
@@ -112,6 +115,8 @@ def options_from_preset(task: str, overrides: Mapping[str, Any], *, gpu: bool) -
         if bad or "metric" not in objectives:
             raise UserError(f"unknown objective(s) {bad or objectives}; use 'metric' plus any of params, memory")
         merged["objectives"] = objectives
+    if "pack_size" in merged:
+        merged["pack_size"] = parse_pack_size(merged["pack_size"])
     return SearchOptions(task=task, **{k: v for k, v in merged.items() if k != "task"})
 
 
@@ -297,8 +302,7 @@ def prepare(opts: SearchOptions) -> Study:
 
     if opts.n_trials <= 0:
         raise UserError(f"--n-trials must be > 0, got {opts.n_trials}")
-    if opts.pack_size < 1:
-        raise UserError(f"--pack-size must be >= 1, got {opts.pack_size}")
+    parse_pack_size(opts.pack_size)
     if opts.proposal_batch < 1:
         raise UserError(f"--proposal-batch must be >= 1, got {opts.proposal_batch}")
     if opts.n_startup_trials < 0:
@@ -329,7 +333,7 @@ def prepare(opts: SearchOptions) -> Study:
     sampler = make_sampler(opts.sampler, seed=opts.seed, n_startup_trials=opts.n_startup_trials,
                            constraints=constrained, n_objectives=len(directions),
                            canonical=lambda params: spec_key(space.decode(params, num_layers).to_dict()),
-                           batch=max(opts.proposal_batch, opts.pack_size),  # one fit proposes a whole pack
+                           batch=max(opts.proposal_batch, most_trials(opts.pack_size)),  # one fit: a whole pack
                            room=lambda s: room_left(s, opts.n_trials))
     if opts.study_name in existing:
         if not opts.resume:
@@ -583,12 +587,13 @@ def objective(prepared: Study) -> Callable[[optuna.Trial], list[float]]:
 PACK_ATTR = "autopeft.pack"
 
 
-def pack_objective(prepared: Study) -> Callable[[list[optuna.Trial]], list[list[float] | TrialFailed]]:
+def pack_objective(prepared: Study, planner: PackPlanner | None = None
+                   ) -> Callable[[list[optuna.Trial]], list[list[float] | TrialFailed]]:
     """K trials trained together on one shared frozen backbone (`packing.train_pack`), each recorded on its own.
 
     A repeat of an earlier configuration reuses its twin's values and leaves the pack; a trial that fails
     (NaN) fails alone; an error of the pack as a whole (OOM while building it, say) fails each of its trials
-    with that reason.
+    with that reason. `planner` (`--pack-size auto`) learns each pack's memory, or its running out of it.
     """
     opts = prepared.opts
 
@@ -622,9 +627,14 @@ def pack_objective(prepared: Study) -> Callable[[list[optuna.Trial]], list[list[
                 results: list[Any] = list(pack.results)
                 info = {"first": todo[0][1].number, "size": len(todo),
                         "tokens_per_s": round(pack.stats.tokens_per_s, 1),
-                        "peak_memory_mb": round(pack.stats.peak_memory_mb, 1)}
+                        "peak_memory_mb": round(pack.stats.peak_memory_mb, 1),
+                        "backbone_memory_mb": round(pack.stats.backbone_memory_mb, 1)}
             except TrialFailed as exc:
                 results, info = [exc] * len(todo), None
+            if planner is not None:
+                oom = any(isinstance(r, TrialFailed) and r.reason == "oom" for r in results)
+                planner.observe(len(todo), info["peak_memory_mb"] if info else 0.0,
+                                info["backbone_memory_mb"] if info else 0.0, out_of_memory=oom)
             for (i, trial, spec), result in zip(todo, results, strict=True):
                 if info is not None:
                     trial.set_user_attr(PACK_ATTR, info)
@@ -765,7 +775,7 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
         bar.write(line) if bar.disable is False else echo(line)
         if tracker:
             tracker.log_trial(study, trial)  # never raises: retries, then records the failure on the study
-        if completed(study) >= opts.n_trials and opts.pack_size == 1:  # the packed loop checks the budget itself
+        if completed(study) >= opts.n_trials and not packs(opts.pack_size):  # the packed loop checks the budget
             study.stop()
 
     run = objective(prepared)
@@ -780,8 +790,9 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
     # whole search: frozen, the collection after each trial only walks what the trial made (0.25 s -> ~0 s).
     gc.freeze()
     try:
-        if opts.pack_size > 1:
-            _run_packed(prepared, tracker, after)
+        sizes: list[int] = []
+        if packs(opts.pack_size):
+            sizes = _run_packed(prepared, tracker, after)
         else:
             study.optimize(tracked, n_trials=2 * remaining + 2, timeout=opts.timeout,
                            callbacks=[after], catch=(TrialFailed,), gc_after_trial=True, show_progress_bar=False)
@@ -790,24 +801,45 @@ def run_search(opts: SearchOptions, *, echo: Callable[[str], None] = print) -> o
         bar.close()
         if tracker:
             tracker.finish(study)  # logs what a crash or an outage left out, ends the parent run
-    packs = f" (packs of up to {opts.pack_size})" if opts.pack_size > 1 else ""
-    echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s{packs}")
+    echo(f"{completed(study)} trials complete in {time.time() - started:.0f}s{_packs_note(opts.pack_size, sizes)}")
     return study
 
 
-def _run_packed(prepared: Study, tracker: Any, after: Callable[[optuna.Study, FrozenTrial], None]) -> None:
-    """The search loop with trial packing: packs of up to `pack_size` trials until the budget or the timeout."""
+def _run_packed(prepared: Study, tracker: Any, after: Callable[[optuna.Study, FrozenTrial], None]) -> list[int]:
+    """The search loop with trial packing: packs of up to `pack_size` trials (or as many as memory holds, under
+    `auto`) until the budget or the timeout. Returns the sizes `auto` planned (empty for a fixed size)."""
     from autopeft.worker import Stop, pack_with_tracking, work
 
     opts = prepared.opts
+    planner = pack_planner(prepared)
     stop = Stop().install()  # Ctrl-C: the pack in flight finishes (or fails `sigterm` after the grace period)
     try:
         work(prepared.study, objective(prepared), budget=lambda: opts.n_trials, stop=stop, after=after,
-             pack=pack_with_tracking(pack_objective(prepared), tracker), pack_size=opts.pack_size,
-             distributions=prepared.distributions,
+             pack=pack_with_tracking(pack_objective(prepared, planner), tracker),
+             pack_size=planner.size if planner else int(opts.pack_size), distributions=prepared.distributions,
              deadline=None if opts.timeout is None else time.time() + opts.timeout)
     finally:
         stop.uninstall()
+    return planner.sizes if planner else []
+
+
+def pack_planner(prepared: Study) -> PackPlanner | None:
+    """`--pack-size auto`'s planner for this study on its device (None for a fixed size), from the estimate."""
+    if prepared.opts.pack_size != AUTO:
+        return None
+    from autopeft.packing import CUDA_BF16
+
+    device = pick_device(prepared.opts.device)
+    fid = prepared.opts.fidelity
+    return PackPlanner.estimated(device, backbone_params=prepared.backbone_params, hidden=prepared.dims.hidden,
+                                 num_layers=prepared.dims.num_layers, batch_size=fid.batch_size,
+                                 max_length=fid.max_length, bf16=device.type == "cuda" and CUDA_BF16)
+
+
+def _packs_note(pack_size: int | str, sizes: list[int]) -> str:
+    if pack_size == AUTO:
+        return f" (packs sized by memory: {', '.join(map(str, sizes)) or 'none'})"
+    return f" (packs of up to {pack_size})" if packs(pack_size) else ""
 
 
 def start_tracking(opts: SearchOptions, study: optuna.Study, echo: Callable[[str], None]) -> Any:

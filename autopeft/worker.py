@@ -22,6 +22,7 @@ queue, lock or server of our own:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import signal
@@ -39,6 +40,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autopeft.errors import TrialFailed, UserError
+from autopeft.pack_size import parse_pack_size
 
 FAIL_REASON = "autopeft.fail_reason"
 FAIL_DETAIL = "autopeft.fail_detail"
@@ -205,7 +207,7 @@ def _storage_error(exc: BaseException) -> bool:
 def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budget: Callable[[], int] | None = None,
          stop: Stop | None = None, after: Callable[[optuna.Study, FrozenTrial], None] | None = None,
          echo: Callable[[str], None] = print, poll_s: float = 1.0, max_storage_errors: int = 20,
-         pack: Callable[[list[optuna.Trial]], list[Any]] | None = None, pack_size: int = 1,
+         pack: Callable[[list[optuna.Trial]], list[Any]] | None = None, pack_size: int | Callable[[], int] = 1,
          distributions: dict[str, Any] | None = None, deadline: float | None = None) -> WorkStats:
     """Run trials of `study` until its budget is complete, a stop is requested or `deadline` (time.time()) passes.
 
@@ -215,7 +217,8 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
 
     With `pack` and `pack_size` > 1, up to `pack_size` trials are asked at once (as many as the budget has room
     for; BoTorch proposes them as one q-batch), trained together by `pack` (search.py's `pack_objective`: one
-    outcome per trial, values or `TrialFailed`), and each is told its own outcome. `distributions` (the
+    outcome per trial, values or `TrialFailed`), and each is told its own outcome. A callable `pack_size` is
+    asked before each pack (`--pack-size auto`: `autopeft.pack_size.PackPlanner.size`). `distributions` (the
     study's) are sampled when a trial is asked rather than when the pack starts, so that the first ask's
     q-batch is already waiting when the next trials of the pack are asked.
     """
@@ -267,8 +270,9 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], Any], *, budge
                 stop.requested.wait(poll_s)
                 continue
             last.clear()
-            if pack is not None and pack_size > 1:
-                last.extend(_run_pack(study, pack, min(pack_size, target - complete - running), budget(), stop,
+            if pack is not None and (callable(pack_size) or pack_size > 1):
+                k = pack_size() if callable(pack_size) else pack_size
+                last.extend(_run_pack(study, pack, min(k, target - complete - running), budget(), stop,
                                       distributions))
             else:
                 study.optimize(guarded, n_trials=1, catch=(TrialFailed,), callbacks=[capture], gc_after_trial=False,
@@ -343,6 +347,12 @@ def _run_pack(study: optuna.Study, pack: Callable[[list[optuna.Trial]], list[Any
         finally:
             train.CURRENT_TRIAL.reset(token)
             stop.trial_ended()
+            # a pack's models, optimisers and graphs hold reference cycles: collected now, not whenever the
+            # collector gets to them, or their GPU memory stays allocated under the next pack (on an H200 the
+            # memory allocated before a pack went 664, 996, 1,415, 2,023 MiB over four packs without this,
+            # bench/results/pack_size_auto_nogc-h200-2026-11-30.json, and 664, 996, 1,275, 1,398 with it,
+            # pack_size_auto-); `study.optimize(gc_after_trial=True)` does the same for a trial run alone
+            gc.collect()
     for trial, outcome in zip(trials, outcomes, strict=True):
         if isinstance(outcome, TrialFailed):
             if not study._storage.get_trial(trial._trial_id).user_attrs.get(FAIL_REASON):
@@ -447,7 +457,8 @@ def options_from_study(study: optuna.Study, storage_url: str, *, tracking_uri: s
         tracking=bool(saved.get("tracking", True)), space=a["space"], backbone=a["backbone"],
         data=DataOptions(**(a.get("data") or {})), n_trials=budget_of(study, saved.get("n_trials")),
         sampler=saved.get("sampler", "botorch"), n_startup_trials=int(saved.get("n_startup_trials", 6)),
-        proposal_batch=int(saved.get("proposal_batch", 1)), pack_size=int(saved.get("pack_size", 1)),
+        proposal_batch=int(saved.get("proposal_batch", 1)),
+        pack_size=parse_pack_size(saved.get("pack_size", 1), "the study's pack_size"),
         # each worker its own seed: N workers of one seed would propose the same configurations N times
         seed=int(saved.get("seed", 0)) + os.getpid(),
         max_params=None if a.get("max_params") is None else str(a["max_params"]),
@@ -486,7 +497,7 @@ def run_worker(study_name: str, storage_url: str, tracking_uri: str | None = Non
                echo: Callable[[str], None] = print) -> WorkStats:
     """`autopeft worker`: join a study on a shared storage and train its trials until the budget is done, or
     until `timeout` seconds have passed (no trial starts after that; a running one finishes)."""
-    from autopeft.search import mask_url, objective, pack_objective, prepare
+    from autopeft.search import mask_url, objective, pack_objective, pack_planner, prepare
 
     study = load_study_or_explain(study_name, storage_url)
     opts = options_from_study(study, storage_url, tracking_uri=tracking_uri, out=out, device=device)
@@ -504,11 +515,13 @@ def run_worker(study_name: str, storage_url: str, tracking_uri: str | None = Non
             tracker.log_trial(study, trial, trial.user_attrs.get("loss_curve"))
         echo(f"{tag}: {describe(study, trial)}")
 
+    planner = pack_planner(prepared)
     stop = Stop(grace).install()
     started = time.time()
     try:
         stats = work(study, _objective_with_tracking(objective(prepared), tracker), stop=stop, after=after, echo=echo,
-                     pack=pack_with_tracking(pack_objective(prepared), tracker), pack_size=opts.pack_size,
+                     pack=pack_with_tracking(pack_objective(prepared, planner), tracker),
+                     pack_size=planner.size if planner else int(opts.pack_size),
                      distributions=prepared.distributions,
                      deadline=None if timeout is None else started + timeout)
     finally:

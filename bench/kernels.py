@@ -239,6 +239,9 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     # what decides whether "auto" should take it (kernels.AUTO_ACCUMULATE)
     out += [("ours_acc_lora8_all", _ours(OUR_SPECS["lora8_all"]), "accumulate"),
             ("ours_acc_lora8_all_graphed", _ours(OUR_SPECS["lora8_all"]), "accumulate")]
+    # the serial adapter through accumulate's cuBLAS function (ReLU in the GEMM epilogue, own backward)
+    out += [("ours_acc_serial64", _ours(OUR_SPECS["serial64"]), "accumulate"),
+            ("ours_acc_serial64_graphed", _ours(OUR_SPECS["serial64"]), "accumulate")]
     # IA3 with its rescalings as PyTorch's broadcasting multiplies (kernels off): what "auto" ran before the
     # Triton `scale_rows` (kernels.AUTO_SCALE_ROWS), side by side with it
     out += [("ours_off_ia3", _ours(OUR_SPECS["ia3"]), "off"), ("ours_off_ia3_graphed", _ours(OUR_SPECS["ia3"]), "off")]
@@ -490,7 +493,8 @@ def _best_floor_summary(summary: dict[str, float], by: dict[tuple[str, str], dic
     best = min(floors)
     summary[f"{name}_best_floor_ms"] = best
     for key, method in (("lora_r8_all", "ours_lora8_all"), ("adapter64", "ours_serial64"), ("ia3", "ours_ia3"),
-                        ("hf_peft_lora_r8_all", "hf_lora8_all"), ("acc_lora_r8_all", "ours_acc_lora8_all")):
+                        ("hf_peft_lora_r8_all", "hf_lora8_all"), ("acc_lora_r8_all", "ours_acc_lora8_all"),
+                        ("acc_adapter64", "ours_acc_serial64")):
         steps = [v for v in (ms(method), ms(f"{method}{GRAPHED}")) if v]
         if steps:
             summary[f"{name}_{key}_x_best_floor"] = min(steps) / best

@@ -1,10 +1,14 @@
 """Fused adapter ops (`autopeft.kernels`): Triton kernels on CUDA, their PyTorch references elsewhere.
 
 Every public op has one signature for every path. "off" always uses the reference; "on" insists on Triton
-(on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels); "accumulate" sends LoRA to
-`accumulate` (the reference's GEMMs, its own backward). "auto" (the trainer's default)
+(on CPU this needs `TRITON_INTERPRET=1`, which is how CI tests the kernels); "accumulate" sends LoRA and the
+bottleneck adapter to `accumulate` (the reference's GEMMs, their own backward). "auto" (the trainer's default)
 picks, per op, the path that measured faster on an H100/H200 (bench/kernels.py, bench/packing_step.py,
-bench/results/): the reference for the GEMM ops, Triton's `scale_rows` for rescalings (IA3's, a pack's).
+bench/results/). Eagerly that is the reference for every op: each Triton launch or Python autograd function
+costs host time, and an eager encoder step is bound by the host. Inside a step that is captured as a CUDA graph
+(`graphed()`, which `autopeft.cuda_graphs.GraphedStep` wraps around its warm-up and capture) the host time is
+paid once, and "auto" takes the paths that replay faster: Triton's `scale_rows` for rescalings (IA3's, a
+pack's) and `accumulate`'s bottleneck adapter.
 For the GEMM ops: at encoder sizes a step is launch-bound, and our Triton GEMM with the low-rank epilogue
 costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it replaces, and is 35-60%
 slower than cuBLAS on large shapes; the reference instead folds the low-rank term into the base output
@@ -19,10 +23,11 @@ inductor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,22 +35,27 @@ import torch
 from autopeft.kernels import accumulate, reference
 
 MODES = ("auto", "on", "off", "accumulate")
-#: ops that "auto" runs through Triton on CUDA: those that beat the reference in bench/kernels.py or
-#: bench/packing_step.py. `scale_rows`: a broadcasting multiply is on PyTorch's non-vectorised elementwise path
+#: ops that "auto" runs through Triton on CUDA in a graphed step: those that beat the reference there in
+#: bench/kernels.py or bench/packing_step.py. `scale_rows`: a broadcasting multiply is on PyTorch's
+#: non-vectorised elementwise path. Eagerly it lost: a pack's step took 312 against 227 ms
+#: (bench/results/packing_step_rowscale-, packing_step_kernels_off-h200-2026-11-30.json)
 AUTO_TRITON: frozenset[str] = frozenset({"scale_rows"})
-#: ops that "auto" runs on CUDA as the reference's cuBLAS GEMMs with their broadcast rescalings through the
-#: Triton `scale_rows` (`rowscale.ia3_linear`), rather than the fused-GEMM kernel "on" runs. Measured on an H200
-#: (bench/results/kernels_rowscale-, kernels-h200-2026-11-30.json): 10% faster in a CUDA graph, the trainer's
-#: default on CUDA; slower eager (each Triton launch costs host time: 130 against 122 ms at Llama-1.1B size)
+#: ops that "auto" runs on CUDA in a graphed step as the reference's cuBLAS GEMMs with their broadcast
+#: rescalings through the Triton `scale_rows` (`rowscale.ia3_linear`), rather than the fused-GEMM kernel "on"
+#: runs. Measured on an H200 (bench/results/kernels_rowscale-, kernels-h200-2026-11-30.json): 10% faster in a
+#: CUDA graph; slower eager (130 against 122 ms at Llama-1.1B size)
 AUTO_SCALE_ROWS: frozenset[str] = frozenset({"ia3_linear"})
-#: the ops `accumulate` implements: the reference's GEMMs with a backward that sums each input gradient in the
-#: frozen GEMM's epilogue instead of in autograd's separate add. Mode "accumulate" runs them so (any device);
-#: "auto" runs the ones in AUTO_ACCUMULATE so on CUDA. Empty: measured on an H200 (kernels_accumulate-h200-
-#: 2026-11-30.json) it saves 2.4 ms of a Llama-1.1B-size step's 127 ms of device time, nothing graphed at
-#: roberta-large size, and its per-linear autograd function makes an eager encoder step 1.6x slower (host-bound)
-ACCUMULATE_OPS: frozenset[str] = frozenset({"lora_linear", "lora_linear_multi"})
-AUTO_ACCUMULATE: frozenset[str] = frozenset()
+#: the ops `accumulate` implements: the reference's GEMMs with their own backward (LoRA: each input gradient
+#: summed in the frozen GEMM's epilogue; the bottleneck adapter: ReLU in the GEMM epilogue, bias gradients as
+#: GEMMs). Mode "accumulate" runs them so (any device, eager or not); "auto" runs the ones in AUTO_ACCUMULATE so
+#: on CUDA in a graphed step. LoRA is not among them: on an H200 (kernels_accumulate-h200-2026-11-30.json) it
+#: saved 2.4 ms of a Llama-1.1B-size step's 127 ms, nothing graphed at roberta-large size. The bottleneck adapter
+#: is: graphed at roberta-large size 16.28 against 16.53 ms, while its autograd function makes the eager step
+#: 72 against 55 ms (host-bound) (bench/results/kernels_acc_serial-h200-2026-11-30.json)
+ACCUMULATE_OPS: frozenset[str] = frozenset({"lora_linear", "lora_linear_multi", "bottleneck_adapter"})
+AUTO_ACCUMULATE: frozenset[str] = frozenset({"bottleneck_adapter"})
 _mode = "auto"
+_graphed = False
 
 
 def set_kernels(mode: str) -> None:
@@ -62,6 +72,29 @@ def kernels_mode() -> str:
     return _mode
 
 
+@contextlib.contextmanager
+def graphed() -> Iterator[None]:
+    """The ops called inside belong to a step that is captured as a CUDA graph and replayed (its warm-up
+    included, so that it builds what the capture will use), where "auto" picks the paths that replay faster."""
+    global _graphed
+    before, _graphed = _graphed, True
+    try:
+        yield
+    finally:
+        _graphed = before
+
+
+def _auto_graphed(x: torch.Tensor, name: str, names: frozenset[str]) -> bool:
+    """"auto", in a graphed step on CUDA, for an op in `names`; never while compiling (a compiled step stays
+    the reference, whose plain ops inductor fuses itself)."""
+    return (_mode == "auto" and _graphed and name in names and _on_gpu(x)
+            and not torch.compiler.is_compiling())
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 @functools.cache
 def triton_available() -> bool:
     """Cached: a module search per op call is host time on every layer, and dynamo cannot trace it."""
@@ -73,20 +106,17 @@ def _use_triton(x: torch.Tensor, name: str) -> bool:
         return False
     if _mode == "on":
         return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return name in AUTO_TRITON and x.is_cuda and triton_available() and not torch.compiler.is_compiling()
+    return _auto_graphed(x, name, AUTO_TRITON) and triton_available()
 
 
 def _use_scale_rows(x: torch.Tensor, name: str) -> bool:
-    return (_mode == "auto" and name in AUTO_SCALE_ROWS and x.is_cuda and triton_available()
-            and not torch.compiler.is_compiling())
+    return _auto_graphed(x, name, AUTO_SCALE_ROWS) and triton_available()
 
 
 def _use_accumulate(x: torch.Tensor, name: str) -> bool:
-    """Mode "accumulate", or "auto" on CUDA for AUTO_ACCUMULATE; never while compiling under "auto" (a compiled
-    step stays the reference, whose plain ops inductor fuses itself)."""
     if _mode == "accumulate":
         return name in ACCUMULATE_OPS
-    return _mode == "auto" and name in AUTO_ACCUMULATE and x.is_cuda and not torch.compiler.is_compiling()
+    return _auto_graphed(x, name, AUTO_ACCUMULATE)
 
 
 def _dispatch(name: str) -> Callable[..., Any]:
@@ -119,5 +149,5 @@ bottleneck_adapter = _dispatch("bottleneck_adapter")
 ia3_linear = _dispatch("ia3_linear")
 scale_rows = _dispatch("scale_rows")
 
-__all__ = ["MODES", "accumulate", "bottleneck_adapter", "dora_linear", "ia3_linear", "kernels_mode", "lora_linear",
-           "lora_linear_multi", "reference", "scale_rows", "set_kernels", "triton_available"]
+__all__ = ["MODES", "accumulate", "bottleneck_adapter", "dora_linear", "graphed", "ia3_linear", "kernels_mode",
+           "lora_linear", "lora_linear_multi", "reference", "scale_rows", "set_kernels", "triton_available"]

@@ -30,8 +30,8 @@ _casts: dict[int, torch.Tensor] = {}
 
 #: every cast starts ALIGN elements into the buffer after the previous one's start (128 bytes in bf16): a
 #: kernel handed a view at an odd offset may assume an aligned pointer. On an H200, SDPA's backward through
-#: prefix key/value casts at unaligned offsets gave other gradients than per-use casts; misalignment is the
-#: suspect, not a finding (the aligned buffer has not run on a GPU; on CPU both agree bitwise)
+#: prefix key/value casts at unaligned offsets gave other gradients than per-use casts; aligned, every
+#: gradient is bitwise the per-use one there, eager and graphed (bench/profile/step_casts_check.py)
 ALIGN = 64
 
 

@@ -215,6 +215,28 @@ def test_a_new_shape_is_captured_once_then_replayed() -> None:
 
 
 @needs_cuda
+def test_warm_up_and_capture_run_in_a_graphed_kernel_context() -> None:
+    """`kernels.graphed()` is what lets "auto" take the paths that replay faster: on during the eager warm-up
+    (which builds what the capture uses) and the capture, off for the eager fallback and everywhere else."""
+    from autopeft import kernels
+
+    model = _model(SPECS["lora_all"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    inner = _forward_backward(model)
+    seen = []
+
+    def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.append(kernels._graphed)
+        return inner(batch)
+
+    step = GraphedStep(forward_backward, params)
+    for batch in _batches([(4, 32), (4, 32)]):
+        step(batch)
+        step.zero_grad()
+    assert seen == [True, True] and not kernels._graphed  # warm-up, capture; the replay runs no Python
+
+
+@needs_cuda
 def test_dropout_runs_and_draws_new_masks_per_replay() -> None:
     model = _model(SPECS["lora_all"], dropout=0.1)
     batches = _batches([(8, 32)] * 6)

@@ -529,14 +529,6 @@ def test_packed_forward_equals_each_trials_model(family: str, grouped: bool) -> 
     assert (state.grouped > 0 and state.looped == 0) if grouped else state.grouped == 0
 
 
-def test_plan_pack_size_fills_the_budget() -> None:
-    from autopeft.packing import plan_pack_size
-
-    assert plan_pack_size(80_000, backbone_mb=2_000, per_trial_mb=9_000) == 8
-    assert plan_pack_size(80_000, backbone_mb=2_000, per_trial_mb=100_000) == 1  # alone, as unpacked
-    assert plan_pack_size(80_000, backbone_mb=2_000, per_trial_mb=10, max_size=16) == 16
-
-
 @pytest.mark.slow
 def test_heldout_selection_as_the_search_runs_it(configs: list[TrialConfig]) -> None:
     """The search's mode: train on part of train, score on the seeded held-out rest, dev measured beside."""

@@ -137,6 +137,28 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, tiny_backbone_dir: Path, 
     assert retried and retried[0].params == after.trials[running[0]].params
 
 
+@pytest.mark.slow
+def test_pack_size_auto_plans_each_pack_and_workers_inherit_it(tmp_path: Path, tiny_backbone_dir: Path,
+                                                                toy: DataOptions, capsys) -> None:
+    """`--pack-size auto` through the CLI: the packed loop asks the planner before each pack (on a CPU it plans
+    one trial: packing shares nothing a CPU could use), the summary line lists the sizes, and a worker joining
+    the study rebuilds `auto` from the study's saved options."""
+    from autopeft.search import PACK_ATTR
+    from autopeft.worker import options_from_study
+
+    out = tmp_path / "runs"
+    code = main(["search", "--task", "file", "--out", str(out), "--backbone", str(tiny_backbone_dir),
+                 "--train", toy.train_file, "--dev", toy.dev_file, "--text-column", "review", "--label-column",
+                 "label", "--n-trials", "3", "--sampler", "random", "--pack-size", "auto", "--device", "cpu",
+                 "--no-tracking", "--max-steps", "2", "--heldout-examples", "40"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "3 trials complete" in printed and "(packs sized by memory: 1, 1, 1)" in printed, printed
+    study = optuna.load_study(study_name="file", storage=f"sqlite:///{out / 'optuna.db'}")
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 3 and all(t.user_attrs[PACK_ATTR]["size"] == 1 for t in done)
+    assert options_from_study(study, f"sqlite:///{out / 'optuna.db'}").pack_size == "auto"
+
+
 def test_front_command_json(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOptions, capsys) -> None:
     run_search(options(tmp_path, tiny_backbone_dir, toy, n_trials=3), echo=lambda _: None)
     assert main(["front", "--study", "file", "--out", str(tmp_path / "runs"), "--json"]) == 0
@@ -153,6 +175,7 @@ def test_front_command_json(tmp_path: Path, tiny_backbone_dir: Path, toy: DataOp
     (["--max-params", "lots"], "--max-params"),
     (["--n-trials", "0"], "--n-trials"),
     (["--pack-size", "0"], "--pack-size"),
+    (["--pack-size", "lots"], "--pack-size must be a positive integer or auto"),
     (["--proposal-batch", "0"], "--proposal-batch"),
     (["--timeout", "-5"], "--timeout"),
     (["--n-startup-trials", "-1"], "--n-startup-trials"),

@@ -326,3 +326,61 @@ def test_work_in_packs_tells_each_trial_its_outcome_within_the_budget(tmp_path: 
     assert trials[4].state == TrialState.FAIL and trials[4].user_attrs[FAIL_REASON] == "nan"
     assert all(t.values == [float(t.params["x"])] for t in trials if t.state == TrialState.COMPLETE)
     assert all(t.user_attrs[WORKER_ATTR].endswith(f":{os.getpid()}") for t in trials)
+
+
+def test_a_planned_pack_size_is_asked_before_each_pack(tmp_path: Path) -> None:
+    """`--pack-size auto`: `work` asks the planner before every pack, even when it plans one trial, and never
+    asks past the budget."""
+    from optuna.distributions import IntDistribution
+
+    from autopeft.search import open_storage
+    from autopeft.worker import work
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("n_trials", 9)
+    plans = iter([4, 1, 2, 8])
+    packs: list[list[int]] = []
+
+    def pack(trials: list[optuna.Trial]) -> list:
+        packs.append([t.number for t in trials])
+        return [[float(t.params["x"])] for t in trials]
+
+    work(study, lambda t: 0.0, pack=pack, pack_size=lambda: next(plans), distributions={"x": IntDistribution(0, 9)},
+         echo=lambda _: None)
+    assert packs == [[0, 1, 2, 3], [4], [5, 6], [7, 8]]
+
+
+def test_a_pack_leaves_nothing_behind_for_the_next(tmp_path: Path) -> None:
+    """What a pack built in reference cycles (models, optimisers, graphs: GPU memory) is collected before the next
+    pack starts, not whenever the collector runs."""
+    import gc
+    import weakref
+
+    from optuna.distributions import IntDistribution
+
+    from autopeft.search import open_storage
+    from autopeft.worker import work
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("n_trials", 6)
+    left: list[weakref.ref] = []
+    alive_at_start: list[bool] = []
+
+    class Model:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the collector frees it
+
+    def pack(trials: list[optuna.Trial]) -> list:
+        alive_at_start.append(any(r() is not None for r in left))
+        left.append(weakref.ref(Model()))
+        return [[float(t.params["x"])] for t in trials]
+
+    gc.disable()  # no automatic collection: only the loop's own
+    try:
+        work(study, lambda t: 0.0, pack=pack, pack_size=2, distributions={"x": IntDistribution(0, 9)},
+             echo=lambda _: None)
+    finally:
+        gc.enable()
+    assert alive_at_start == [False, False, False]

@@ -94,12 +94,11 @@ def inject(model: nn.Module, spec: PeftSpec, *, share_input: bool = True) -> Inj
     for name, p in model.named_parameters():
         if "autopeft_" in name:
             p.requires_grad_(True)
-    # every adapter tensor the ops read in the compute dtype, cast once per step. Not DoRA's magnitude (read in
-    # fp32), nor prefixes: SDPA's backward through prefix casts gave other gradients on an H200 than through
-    # per-use casts (bench/profile/step_casts_check.py), at unaligned offsets; the offsets are aligned now, but
-    # that has not been rerun on a GPU
+    # every adapter tensor the ops read in the compute dtype, cast once per step; not DoRA's magnitude (read in
+    # fp32). Gradients bitwise those of per-use casts on an H200, eager and graphed, prefixes included
+    # (bench/profile/step_casts_check.py; bench/results/step_casts_check-h200-2026-11-30.json)
     casts.install(model, [p for name, p in model.named_parameters()
-                          if "autopeft_" in name and "dora_magnitude" not in name and "autopeft_prefix" not in name])
+                          if "autopeft_" in name and "dora_magnitude" not in name])
     head = head_parameters(model)
     for p in head:
         p.requires_grad_(True)

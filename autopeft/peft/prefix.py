@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autopeft.kernels import casts
+
 ATTN_IMPLEMENTATION = "autopeft"
 _registered_names: set[str] = set()  # attention functions registered with transformers in this process
 
@@ -53,12 +55,12 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if prefix is None:
         return sdpa(module, query, key, value, attention_mask, **kwargs)
     batch = query.shape[0]
-    pk = prefix.key.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
-    pv = prefix.value.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+    pk = casts.cast(prefix.key, key.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+    pv = casts.cast(prefix.value, value.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
     if prefix.gate is not None:
         base, _ = sdpa(module, query, key, value, attention_mask, **kwargs)
         extra, _ = sdpa(module, query, pk, pv, None, **{**kwargs, "is_causal": False})
-        return base + extra * prefix.gate.to(extra.dtype).view(1, 1, -1, 1), None
+        return base + extra * casts.cast(prefix.gate, extra.dtype).view(1, 1, -1, 1), None
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal

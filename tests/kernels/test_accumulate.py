@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from autopeft import kernels
 from autopeft.kernels import accumulate, reference
-from tests.kernels.compare import act, check_op, frozen, param, rel_err
+from tests.kernels.compare import DEVICE, act, check_op, cpu_only, frozen, param, rel_err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,7 +49,7 @@ def test_under_autocast_it_computes_what_the_reference_does() -> None:
     A, B = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
     outs, grads = [], []
     for fn in (reference.lora_linear, accumulate.lora_linear):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             y = fn(x, w, b, A, B, 2.0)
         outs.append(y)
         grads.append(torch.autograd.grad(y.float().square().sum(), (x, A, B)))
@@ -90,6 +90,7 @@ def test_the_input_gradient_terms_are_summed_in_the_gemm_not_added_after() -> No
     assert _adds(run(accumulate.lora_linear_multi), M, K) == 0
 
 
+@cpu_only
 def test_mode_accumulate_routes_lora_there_and_auto_keeps_the_reference_on_cpu(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
@@ -117,3 +118,62 @@ def test_a_trained_base_weight_or_dropout_goes_to_the_reference() -> None:
     torch.manual_seed(3)
     want = reference.lora_linear(x, w.detach(), None, A, B, 1.0, dropout=0.5, training=True)
     torch.testing.assert_close(got, want)
+
+
+def test_adapter_under_autocast_computes_what_the_reference_does() -> None:
+    """The trainer's GPU setting for an fp32 model: bf16 autocast, a parallel adapter's fp32 residual."""
+    torch.manual_seed(0)
+    x, res = torch.randn(4, 9, 32, requires_grad=True), torch.randn(4, 9, 32, requires_grad=True)
+    ps = [torch.randn(8, 32) * 32**-0.5, torch.randn(8), torch.randn(32, 8) * 8**-0.5, torch.randn(32)]
+    ps = [p.requires_grad_(True) for p in ps]
+    outs, grads = [], []
+    for fn in (reference.bottleneck_adapter, accumulate.bottleneck_adapter):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = fn(x, *ps, activation="relu", residual=res, scale=2.0)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.float().square().sum(), (x, res, *ps)))
+    assert outs[1].dtype == outs[0].dtype
+    assert rel_err(outs[1], outs[0]) < 1e-2
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert got.dtype == want.dtype and rel_err(got, want) < 2e-2
+
+
+def _full_size_ops(fn, names: tuple[str, ...], rows: int, cols: int) -> int:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name in names and e.input_shapes and e.input_shapes[0]
+               and torch.Size(e.input_shapes[0]).numel() == rows * cols)
+
+
+def test_an_adapter_scale_is_applied_to_rank_sized_tensors_only() -> None:
+    """A scaled adapter (parallel adapters' s): the reference's backward multiplies the hidden-sized output
+    gradient by s; here only rank-sized tensors are (the forward's scaled add is one kernel either way)."""
+    torch.manual_seed(0)
+    H, m = 32, 4
+    x = torch.randn(2, 7, H, requires_grad=True)
+    ps = [p.requires_grad_(True) for p in (torch.randn(m, H), torch.randn(m), torch.randn(H, m), torch.randn(H))]
+
+    def run(op):
+        def step():
+            y = op(x, *ps, activation="relu", scale=0.5)
+            torch.autograd.grad(y, [x, *ps], torch.randn_like(y))
+        return step
+
+    assert _full_size_ops(run(reference.bottleneck_adapter), ("aten::mul", "aten::mul_"), 14, H) > 0
+    assert _full_size_ops(run(accumulate.bottleneck_adapter), ("aten::mul", "aten::mul_"), 14, H) == 0
+
+
+def test_bias_gradients_of_growing_batches_sum_right_and_keep_every_ones_row(monkeypatch: pytest.MonkeyPatch
+                                                                            ) -> None:
+    """`_colsum` reuses one ones row per device and dtype; a longer batch replaces it, and the replaced row must
+    stay alive: a CUDA graph captured with it reads it at every replay (freed, its memory would be another
+    tensor's and the graph's bias gradients garbage: the GPU test of graphed against eager steps caught that)."""
+    monkeypatch.setattr(accumulate, "_ONES", {})
+    monkeypatch.setattr(accumulate, "_RETIRED", [])
+    rows = []
+    for m in (3, 10, 5, 40):
+        g = torch.randn(m, 6)
+        torch.testing.assert_close(accumulate._colsum(g), g.sum(0))
+        rows.append(accumulate._ONES[(g.device, g.dtype)])
+    assert [r.shape[1] for r in rows] == [3, 10, 10, 40] and rows[1] is rows[2]  # grows at least 2x, else kept
+    assert [id(r) for r in accumulate._RETIRED] == [id(rows[0]), id(rows[1])]

@@ -7,6 +7,7 @@ import torch
 
 from autopeft import kernels
 from autopeft.kernels import fused
+from tests.kernels.compare import cpu_only
 
 OPS = ["lora_linear", "lora_linear_multi", "dora_linear", "bottleneck_adapter", "ia3_linear"]
 
@@ -31,6 +32,7 @@ def fused_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(fused, name, boom)
 
 
+@cpu_only
 @pytest.mark.parametrize("mode", ["off", "auto"])
 @pytest.mark.parametrize("name", OPS)
 def test_cpu_modes_use_reference(mode: str, name: str, fused_raises: None) -> None:
@@ -52,3 +54,29 @@ def test_on_uses_triton(name: str, fused_raises: None) -> None:
 def test_unknown_mode() -> None:
     with pytest.raises(ValueError):
         kernels.set_kernels("fast")
+
+
+@cpu_only
+@pytest.mark.parametrize(("name", "module", "args"), [
+    ("scale_rows", "fused", lambda: [torch.randn(1, 5, 8), torch.randn(1, 8)]),
+    ("ia3_linear", "rowscale", lambda: _args("ia3_linear")),
+    ("bottleneck_adapter", "accumulate", lambda: _args("bottleneck_adapter"))])
+def test_auto_on_a_gpu_takes_the_graph_paths_only_in_a_graphed_step(name: str, module: str, args,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eagerly every op is the reference (Triton launches and Python autograd functions cost host time, and
+    an eager encoder step is host-bound); in a step captured as a CUDA graph, "auto" takes the measured winners."""
+    import importlib
+
+    taken = []
+    mod = importlib.import_module(f"autopeft.kernels.{module}")
+    monkeypatch.setattr(mod, name, lambda *a, **k: taken.append(name) or getattr(kernels.reference, name)(*a, **k))
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)  # a CPU tensor standing in for a CUDA one
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    kernels.set_kernels("auto")
+    getattr(kernels, name)(*args())
+    assert taken == []
+    with kernels.graphed():
+        getattr(kernels, name)(*args())
+    assert taken == [name]
+    getattr(kernels, name)(*args())  # the context is left: eager again
+    assert taken == [name]
