@@ -73,6 +73,7 @@ import functools
 import math
 import random
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,7 +245,11 @@ class _Stack:
                     self.views[k] = (t, region)
         if self.views:
             self.leaf.requires_grad_(True)
-            self.leaf.register_post_accumulate_grad_hook(self._hand_out)
+            # through a weak reference: a hook holding the stack would make leaf -> hook -> stack -> leaf a cycle
+            # through the tensor's C++ side, which Python's collector cannot see, so every pack's stacks (GPU
+            # memory) would outlive it
+            ref = weakref.ref(self)
+            self.leaf.register_post_accumulate_grad_hook(lambda leaf: _hand_out_of(ref, leaf))
 
     def make_static(self) -> None:
         """The graphed step's gradients: a zero `leaf.grad` that backward accumulates into in place (autograd
@@ -282,6 +287,12 @@ class _Stack:
         if slot is None and self.static:
             self.leaf.grad = None
             self.static = False
+
+
+def _hand_out_of(ref: weakref.ref, leaf: torch.Tensor) -> None:
+    stack = ref()
+    if stack is not None:
+        stack._hand_out(leaf)
 
 
 def _fresh(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

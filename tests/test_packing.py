@@ -540,3 +540,27 @@ def test_heldout_selection_as_the_search_runs_it(configs: list[TrialConfig]) -> 
         assert isinstance(packed_result, TrialResult), packed_result
         assert_same_trial(packed_result, s)
         assert packed_result.metrics.dev_metric == pytest.approx(s.metrics.dev_metric, abs=1e-9)
+
+
+def test_a_finished_pack_frees_its_stacks(configs: list[TrialConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack's stacks (its trials' parameters and gradients, on the GPU) die with it. Their gradient hook once
+    held them, a cycle through the tensor's C++ side that Python's collector cannot break: every pack's stacks
+    outlived it, and on an H200 the memory allocated before each pack of a search kept growing."""
+    import gc
+    import weakref
+
+    from autopeft import packing
+
+    made: list[weakref.ref] = []
+    init = packing._Stack.__init__
+
+    def spy(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(packing._Stack, "__init__", spy)
+    pack = train_pack(configs[:3], task=configs[0].data.load("file"), device="cpu")
+    assert all(isinstance(r, TrialResult) for r in pack.results)
+    del pack
+    gc.collect()
+    assert made and all(r() is None for r in made)
