@@ -62,6 +62,7 @@ def main() -> None:
         if info:
             packs[info["first"]] = info
     rows = [packs[k] for k in sorted(packs)]
+    summary_line = next((line for line in done.stdout.splitlines() if "trials complete" in line), "")
     total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
     summary = {"pack_sizes": ",".join(str(r["size"]) for r in rows), "packs": len(rows),
                "first_pack_size": rows[0]["size"] if rows else 0,
@@ -73,7 +74,7 @@ def main() -> None:
     write_results("pack_size_auto", rows, summary, args.out, device=torch.device("cuda"),
                   notes=f"autopeft search --pack-size auto, random roberta-large-size backbone, batch "
                         f"{args.batch_size} x {args.max_length}, {args.max_steps} steps per trial; rows: the "
-                        f"study's autopeft.pack records; last search line: {done.stdout.strip().splitlines()[-1]}")
+                        f"study's autopeft.pack records; the search said: {summary_line}")
 
 
 if __name__ == "__main__":

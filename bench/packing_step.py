@@ -111,8 +111,8 @@ def main() -> None:
                          "(GEMM, attention, optimizer, copies/casts, other) and the top kernels")
     ap.add_argument("--kernels", choices=("auto", "off"), default="auto",
                     help="autopeft.kernels mode: off runs the rescalings (IA3, DoRA's magnitude) as PyTorch's "
-                         "broadcasting multiplies instead of the Triton `scale_rows` (auto on CUDA); results go to "
-                         "packing_step_kernels_off-*.json")
+                         "broadcasting multiplies instead of the Triton `scale_rows` (auto in CUDA graphs); results "
+                         "go to packing_step_kernels_off-*.json")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     from autopeft import kernels

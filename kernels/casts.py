@@ -85,13 +85,16 @@ def has_cast(t: torch.Tensor) -> bool:
     return id(t) in _casts
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on x runs in: autocast's, when it is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def target_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype the adapters compute in: autocast's where it is on, else the frozen backbone's."""
+    """The dtype the adapters compute in: that of a GEMM on the frozen backbone's weights."""
     frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
-    if frozen is None:
-        return None
-    device = frozen.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else frozen.dtype
+    return None if frozen is None else compute_dtype(frozen)
 
 
 def begin(params: Sequence[torch.Tensor], dtype: torch.dtype | None) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from autopeft.kernels import casts
+from autopeft.kernels.casts import compute_dtype  # re-exported: accumulate and packing import it from here
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -27,12 +28,6 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     if torch.is_autocast_enabled(like.device.type):
         return t
     return t.to(like.dtype)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a GEMM on x runs in: autocast's, when it is on."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _add_low_rank(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

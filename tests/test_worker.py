@@ -299,18 +299,25 @@ def test_options_roundtrip_from_study(postgres_url: str, tmp_path: Path, tiny_ba
     assert dataclasses.replace(back, seed=opts.seed).seed == opts.seed
 
 
+def _random_study(tmp_path: Path, n_trials: int) -> optuna.Study:
+    """A random-sampler study on SQLite (heartbeats work there) with a budget of `n_trials`, for the packing loop."""
+    from autopeft.search import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("n_trials", n_trials)
+    return study
+
+
 def test_work_in_packs_tells_each_trial_its_outcome_within_the_budget(tmp_path: Path) -> None:
     """The packing loop on its own (a stand-in pack, SQLite with heartbeats): trials are asked K at a time but
     never past the budget, params are sampled when asked, and each trial is told its own outcome."""
     from optuna.distributions import IntDistribution
 
     from autopeft.errors import TrialFailed
-    from autopeft.search import open_storage
     from autopeft.worker import work
 
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
-                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("n_trials", 7)
+    study = _random_study(tmp_path, n_trials=7)
     packs: list[list[int]] = []
 
     def pack(trials: list[optuna.Trial]) -> list:
@@ -333,12 +340,9 @@ def test_a_planned_pack_size_is_asked_before_each_pack(tmp_path: Path) -> None:
     asks past the budget."""
     from optuna.distributions import IntDistribution
 
-    from autopeft.search import open_storage
     from autopeft.worker import work
 
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
-                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("n_trials", 9)
+    study = _random_study(tmp_path, n_trials=9)
     plans = iter([4, 1, 2, 8])
     packs: list[list[int]] = []
 
@@ -359,12 +363,9 @@ def test_a_pack_leaves_nothing_behind_for_the_next(tmp_path: Path) -> None:
 
     from optuna.distributions import IntDistribution
 
-    from autopeft.search import open_storage
     from autopeft.worker import work
 
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"), study_name="p",
-                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("n_trials", 6)
+    study = _random_study(tmp_path, n_trials=6)
     left: list[weakref.ref] = []
     alive_at_start: list[bool] = []
 

@@ -59,12 +59,16 @@ def test_under_autocast_it_computes_what_the_reference_does() -> None:
         assert got.dtype == want.dtype and rel_err(got, want) < 2e-2
 
 
-def _adds(fn, rows: int, cols: int) -> int:
-    """Elementwise adds over a whole (rows, cols) tensor that `fn` runs (forward and backward)."""
+def _full_size_ops(fn, names: tuple[str, ...], rows: int, cols: int) -> int:
+    """Calls of the aten ops `names` over a whole (rows, cols) tensor that `fn` runs (forward and backward)."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name in ("aten::add", "aten::add_") and e.input_shapes
-               and e.input_shapes[0] and torch.Size(e.input_shapes[0]).numel() == rows * cols)
+    return sum(1 for e in prof.events() if e.name in names and e.input_shapes and e.input_shapes[0]
+               and torch.Size(e.input_shapes[0]).numel() == rows * cols)
+
+
+def _adds(fn, rows: int, cols: int) -> int:
+    return _full_size_ops(fn, ("aten::add", "aten::add_"), rows, cols)
 
 
 def test_the_input_gradient_terms_are_summed_in_the_gemm_not_added_after() -> None:
@@ -136,13 +140,6 @@ def test_adapter_under_autocast_computes_what_the_reference_does() -> None:
     assert rel_err(outs[1], outs[0]) < 1e-2
     for got, want in zip(grads[1], grads[0], strict=True):
         assert got.dtype == want.dtype and rel_err(got, want) < 2e-2
-
-
-def _full_size_ops(fn, names: tuple[str, ...], rows: int, cols: int) -> int:
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name in names and e.input_shapes and e.input_shapes[0]
-               and torch.Size(e.input_shapes[0]).numel() == rows * cols)
 
 
 def test_an_adapter_scale_is_applied_to_rank_sized_tensors_only() -> None:
