@@ -337,7 +337,7 @@ def _param_groups(model: nn.Module, fidelity: Fidelity) -> list[dict[str, Any]]:
             kind = "parallel"
         elif "autopeft_prefix" in name:
             kind = "prefix"
-        elif "autopeft_ia3" in name:
+        elif "autopeft_ia3" in name or ".ia3_l." in name:  # HF PEFT's IA3 vectors too (benchmarks)
             kind = "ia3"
         elif name.endswith("bias") and "classifier" not in name and "score" not in name:
             kind = "bitfit"

@@ -351,8 +351,9 @@ def _run_pack(study: optuna.Study, pack: Callable[[list[optuna.Trial]], list[Any
             # collector gets to them, or their GPU memory stays allocated under the next pack (on an H200 the
             # memory allocated before a pack went 664, 996, 1,415, 2,023 MiB over four packs without this,
             # bench/results/pack_size_auto_nogc-h200-2026-11-30.json, and 664, 996, 1,275, 1,398 with it,
-            # pack_size_auto-; the rest was the packs' stacks, which no collection could free: see
-            # `packing._Stack`); `study.optimize(gc_after_trial=True)` does the same for a trial run alone
+            # pack_size_auto_gc-; the rest was the packs' stacks, which no collection could free: see
+            # `packing._Stack`; with both, 664, 804, 798, 783: pack_size_auto-);
+            # `study.optimize(gc_after_trial=True)` does the same for a trial run alone
             gc.collect()
     for trial, outcome in zip(trials, outcomes, strict=True):
         if isinstance(outcome, TrialFailed):

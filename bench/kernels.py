@@ -35,13 +35,14 @@ memory, an API the installed peft lacks) gets its error in its row; the run goes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import inspect
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,29 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     # IA3 with its rescalings as PyTorch's broadcasting multiplies (kernels off): what "auto" ran before the
     # Triton `scale_rows` (kernels.AUTO_SCALE_ROWS), side by side with it
     out += [("ours_off_ia3", _ours(OUR_SPECS["ia3"]), "off"), ("ours_off_ia3_graphed", _ours(OUR_SPECS["ia3"]), "off")]
+    # IA3 graphed through `scale_rows` around cuBLAS, what "auto" ran before `ia3_fold` (kernels.AUTO_FOLD)
+    out += [("ours_rowscale_ia3_graphed", _ours(OUR_SPECS["ia3"]), NO_FOLD)]
     return out
+
+
+#: a bench-only kernel mode: "auto" without the IA3 weight fold (kernels.AUTO_FOLD emptied for the arm)
+NO_FOLD = "auto_no_fold"
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str | None) -> Iterator[None]:
+    """The arm's kernel mode for its build and steps; "auto" (the trainer's default) after it."""
+    from autopeft import kernels
+
+    fold = kernels.AUTO_FOLD
+    if mode == NO_FOLD:
+        kernels.AUTO_FOLD, mode = frozenset(), "auto"
+    kernels.set_kernels(mode or "off")
+    try:
+        yield
+    finally:
+        kernels.AUTO_FOLD = fold
+        kernels.set_kernels("auto")
 
 
 def _free(device: torch.device) -> None:
@@ -324,8 +347,6 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
 
 def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, device: torch.device,
             dtype: torch.dtype, warmup: int, iters: int, profile: bool = False) -> dict[str, Any]:
-    from autopeft import kernels
-
     row: dict[str, Any] = {"model": setup.name, "method": name, "kernels": mode, "step_ms": None,
                            "ratio_to_floor": None, "tokens_per_s": None, "peak_mem_mb": None,
                            "peak_incl_first_mb": None, "trainable_params": None, "first_step_s": None,
@@ -335,8 +356,9 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
         row["error"] = "skipped: the Triton kernels need a CUDA device (kernels are off on CPU)"
         return row
     step = None
+    stack = contextlib.ExitStack()
     try:
-        kernels.set_kernels(mode or "off")
+        stack.enter_context(kernel_mode(mode))
         graphed = run_mode(name) == GRAPHED
         if graphed and device.type != "cuda":
             row["error"] = "skipped: CUDA graphs need a CUDA device"
@@ -377,7 +399,7 @@ def run_one(setup: ModelSetup, name: str, make: Callable, mode: str | None, devi
     finally:
         del step  # the closure holds the model and optimizer: drop them before the next config
         _free(device)
-        kernels.set_kernels("auto")
+        stack.close()
     return row
 
 

@@ -299,6 +299,7 @@ def main() -> None:
             summary[f"trials_per_gpu_hour_speedup_vs_{arm}"] = per_hour["packed"] / per_hour[arm]
             summary[f"trials_per_gpu_hour_best_ours_speedup_vs_{arm}"] = best / per_hour[arm]
     summary |= mean_acc_diffs(rows)
+    summary |= rerun_acc_diffs(rows)
     what = "tiny random BERT, toy CSV (smoke test: the numbers mean nothing)" if args.tiny else \
         f"{args.backbone} on {args.task}"
     notes = (f"{what}; {len(configs)} trials per arm, packs of {args.pack_size}; fidelity {fid.to_dict()}; "
@@ -320,10 +321,7 @@ def mean_acc_diffs(rows: list[dict[str, Any]]) -> dict[str, float]:
     points. Why beside `max_acc_diff_points`: the speedup target compares arms at equal accuracy, and with dropout
     a packed trial draws its masks in another order than alone, so single trials differ by seed noise (several
     points at 2,000 training examples) while the arms' means should not."""
-    acc: dict[str, dict[int, float]] = {}
-    for r in rows:
-        if "trial" in r and r.get("metric") is not None:
-            acc.setdefault(r["arm"], {})[r["trial"]] = r["metric"]
+    acc = _accuracies(rows)
     packed = acc.get("packed", {})
     out = {}
     for arm in ("hf_peft", "hf_peft_graphed", "unpacked"):
@@ -331,6 +329,32 @@ def mean_acc_diffs(rows: list[dict[str, Any]]) -> dict[str, float]:
         if both:
             gap = sum(packed[t] - acc[arm][t] for t in both) / len(both)
             out[f"mean_acc_diff_points_vs_{arm}"] = abs(gap) * 100
+    return out
+
+
+def _accuracies(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    acc: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if "trial" in r and r.get("metric") is not None:
+            acc.setdefault(r["arm"], {})[r["trial"]] = r["metric"]
+    return acc
+
+
+#: pairs of arms that train the very same models with the same code, seeds and data, and differ only in whether
+#: the step runs as a CUDA graph, which draws dropout's random numbers in another order
+RERUN_PAIRS = (("hf_peft", "hf_peft_graphed"), ("packed", "packed_eager"))
+
+
+def rerun_acc_diffs(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """`max_acc_diff_points_<a>_vs_<b>` for each of RERUN_PAIRS: the largest per-trial gap, in points, between
+    two runs of the same trials. Why: `max_acc_diff_points` (packed against unpacked) compares trials whose
+    dropout masks differ, and this is how far single trials move for that reason alone, with no packing."""
+    acc = _accuracies(rows)
+    out = {}
+    for a, b in RERUN_PAIRS:
+        both = sorted(set(acc.get(a, {})) & set(acc.get(b, {})))
+        if both:
+            out[f"max_acc_diff_points_{a}_vs_{b}"] = max(abs(acc[a][t] - acc[b][t]) for t in both) * 100
     return out
 
 

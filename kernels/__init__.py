@@ -7,8 +7,8 @@ picks, per op, the path that measured faster on an H100/H200 (bench/kernels.py, 
 bench/results/). Eagerly that is the reference for every op: each Triton launch or Python autograd function
 costs host time, and an eager encoder step is bound by the host. Inside a step that is captured as a CUDA graph
 (`graphed()`, which `autopeft.cuda_graphs.GraphedStep` wraps around its warm-up and capture) the host time is
-paid once, and "auto" takes the paths that replay faster: Triton's `scale_rows` for rescalings (IA3's, a
-pack's) and `accumulate`'s bottleneck adapter.
+paid once, and "auto" takes the paths that replay faster: IA3 with its scales folded into the frozen weight
+(`ia3_fold`), Triton's `scale_rows` for a pack's rescalings, and `accumulate`'s bottleneck adapter.
 For the GEMM ops: at encoder sizes a step is launch-bound, and our Triton GEMM with the low-rank epilogue
 costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it replaces, and is 35-60%
 slower than cuBLAS on large shapes; the reference instead folds the low-rank term into the base output
@@ -45,6 +45,12 @@ AUTO_TRITON: frozenset[str] = frozenset({"scale_rows"})
 #: runs. Measured on an H200 (bench/results/kernels_rowscale-, kernels-h200-2026-11-30.json): 10% faster in a
 #: CUDA graph; slower eager (130 against 122 ms at Llama-1.1B size)
 AUTO_SCALE_ROWS: frozenset[str] = frozenset({"ia3_linear"})
+#: ops that "auto" runs on CUDA in a graphed step with IA3's scales folded into the frozen weight (`ia3_fold`):
+#: a pass over the weight instead of over the activations. It takes precedence over AUTO_SCALE_ROWS, which
+#: bench/kernels.py's `ours_rowscale_ia3_graphed` arm measures beside it by emptying this set: at roberta-large
+#: size graphed 15.98 against 17.07 ms, at Llama-1.1B size 124.4 against 126.9 ms
+#: (bench/results/kernels_ia3_fold_all-h200-2026-11-30.json)
+AUTO_FOLD: frozenset[str] = frozenset({"ia3_linear"})
 #: the ops `accumulate` implements: the reference's GEMMs with their own backward (LoRA: each input gradient
 #: summed in the frozen GEMM's epilogue; the bottleneck adapter: ReLU in the GEMM epilogue, bias gradients as
 #: GEMMs). Mode "accumulate" runs them so (any device, eager or not); "auto" runs the ones in AUTO_ACCUMULATE so
@@ -113,6 +119,10 @@ def _use_scale_rows(x: torch.Tensor, name: str) -> bool:
     return _auto_graphed(x, name, AUTO_SCALE_ROWS) and triton_available()
 
 
+def _use_fold(x: torch.Tensor, name: str) -> bool:
+    return _auto_graphed(x, name, AUTO_FOLD) and triton_available()
+
+
 def _use_accumulate(x: torch.Tensor, name: str) -> bool:
     if _mode == "accumulate":
         return name in ACCUMULATE_OPS
@@ -129,6 +139,10 @@ def _dispatch(name: str) -> Callable[..., Any]:
             fn = getattr(fused, name, None)
             if fn is not None:
                 return fn(x, *args, **kwargs)
+        if _use_fold(x, name):
+            from autopeft.kernels import ia3_fold
+
+            return getattr(ia3_fold, name)(x, *args, **kwargs)
         if _use_scale_rows(x, name):
             from autopeft.kernels import rowscale
 

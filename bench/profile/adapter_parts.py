@@ -73,21 +73,27 @@ def cases() -> dict[str, Callable[[], object]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def time_cases(bench: str, doc: str, cases: Callable[[], dict[str, Callable[[], object]]], notes: str,
+               reps: int = REPS) -> None:
+    """A parts profile's command line: each case timed in a graph and printed, then DIR/<bench>-<device>-<date>.json."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("adapter_parts.py times CUDA graphs: it needs a CUDA GPU")
+        sys.exit(f"{bench}.py times CUDA graphs: it needs a CUDA GPU")
     rows = []
     for name, fn in cases().items():
-        us = graphed_us(fn)
+        us = graphed_us(fn, reps=reps)
         rows.append({"case": name, "us_per_call": us})
-        print(f"{name:32s} {us:7.2f} us", flush=True)
+        print(f"{name:36s} {us:8.2f} us", flush=True)
     summary = {r["case"] + "_us": r["us_per_call"] for r in rows}
-    write_results("adapter_parts", rows, summary, args.out, device=torch.device("cuda"),
-                  notes=f"each case captured {REPS} times in one CUDA graph; M={M}, hidden={HIDDEN}, size={SIZE}, "
-                        "bf16; per call = replay time / calls")
+    write_results(bench, rows, summary, args.out, device=torch.device("cuda"), notes=notes)
+
+
+def main() -> None:
+    time_cases("adapter_parts", __doc__, cases,
+               f"each case captured {REPS} times in one CUDA graph; M={M}, hidden={HIDDEN}, size={SIZE}, bf16; "
+               "per call = replay time / calls")
 
 
 if __name__ == "__main__":

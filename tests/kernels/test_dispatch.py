@@ -59,7 +59,7 @@ def test_unknown_mode() -> None:
 @cpu_only
 @pytest.mark.parametrize(("name", "module", "args"), [
     ("scale_rows", "fused", lambda: [torch.randn(1, 5, 8), torch.randn(1, 8)]),
-    ("ia3_linear", "rowscale", lambda: _args("ia3_linear")),
+    ("ia3_linear", "ia3_fold", lambda: _args("ia3_linear")),
     ("bottleneck_adapter", "accumulate", lambda: _args("bottleneck_adapter"))])
 def test_auto_on_a_gpu_takes_the_graph_paths_only_in_a_graphed_step(name: str, module: str, args,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,3 +80,20 @@ def test_auto_on_a_gpu_takes_the_graph_paths_only_in_a_graphed_step(name: str, m
     assert taken == [name]
     getattr(kernels, name)(*args())  # the context is left: eager again
     assert taken == [name]
+
+
+@cpu_only
+def test_without_the_fold_graphed_ia3_takes_scale_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AUTO_FOLD emptied (bench/kernels.py's side-by-side arm), a graphed IA3 runs as before the fold."""
+    from autopeft.kernels import ia3_fold, rowscale
+
+    taken = []
+    monkeypatch.setattr(rowscale, "ia3_linear", lambda *a, **k: taken.append("rowscale"))
+    monkeypatch.setattr(ia3_fold, "ia3_linear", lambda *a, **k: taken.append("fold"))
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "AUTO_FOLD", frozenset())
+    kernels.set_kernels("auto")
+    with kernels.graphed():
+        kernels.ia3_linear(*_args("ia3_linear"))
+    assert taken == ["rowscale"]
