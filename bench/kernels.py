@@ -246,12 +246,14 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     # IA3 with its rescalings as PyTorch's broadcasting multiplies (kernels off): what "auto" ran before the
     # Triton `scale_rows` (kernels.AUTO_SCALE_ROWS), side by side with it
     out += [("ours_off_ia3", _ours(OUR_SPECS["ia3"]), "off"), ("ours_off_ia3_graphed", _ours(OUR_SPECS["ia3"]), "off")]
-    # IA3 graphed through `scale_rows` around cuBLAS, what "auto" ran before `ia3_fold` (kernels.AUTO_FOLD)
-    out += [("ours_rowscale_ia3_graphed", _ours(OUR_SPECS["ia3"]), NO_FOLD)]
+    # graphed without the folds (kernels.AUTO_FOLD): IA3 through `scale_rows` around cuBLAS, LoRA the reference,
+    # what "auto" ran before `ia3_fold` and `lora_fold`
+    out += [("ours_rowscale_ia3_graphed", _ours(OUR_SPECS["ia3"]), NO_FOLD),
+            ("ours_nofold_lora8_all_graphed", _ours(OUR_SPECS["lora8_all"]), NO_FOLD)]
     return out
 
 
-#: a bench-only kernel mode: "auto" without the IA3 weight fold (kernels.AUTO_FOLD emptied for the arm)
+#: a bench-only kernel mode: "auto" without the weight folds (kernels.AUTO_FOLD emptied for the arm)
 NO_FOLD = "auto_no_fold"
 
 
@@ -262,7 +264,7 @@ def kernel_mode(mode: str | None) -> Iterator[None]:
 
     fold = kernels.AUTO_FOLD
     if mode == NO_FOLD:
-        kernels.AUTO_FOLD, mode = frozenset(), "auto"
+        kernels.AUTO_FOLD, mode = {}, "auto"
     kernels.set_kernels(mode or "off")
     try:
         yield

@@ -7,11 +7,12 @@ picks, per op, the path that measured faster on an H100/H200 (bench/kernels.py, 
 bench/results/). Eagerly that is the reference for every op: each Triton launch or Python autograd function
 costs host time, and an eager encoder step is bound by the host. Inside a step that is captured as a CUDA graph
 (`graphed()`, which `autopeft.cuda_graphs.GraphedStep` wraps around its warm-up and capture) the host time is
-paid once, and "auto" takes the paths that replay faster: IA3 with its scales folded into the frozen weight
-(`ia3_fold`), Triton's `scale_rows` for a pack's rescalings, and `accumulate`'s bottleneck adapter.
+paid once, and "auto" takes the paths that replay faster: LoRA and IA3 folded into the frozen weight for the
+step (`lora_fold`, `ia3_fold`: the frozen GEMMs then carry the adapter), Triton's `scale_rows` for a pack's
+rescalings, and `accumulate`'s bottleneck adapter.
 For the GEMM ops: at encoder sizes a step is launch-bound, and our Triton GEMM with the low-rank epilogue
 costs more per launch (autotuner wrapper, ~35 arguments) than the cuBLAS calls it replaces, and is 35-60%
-slower than cuBLAS on large shapes; the reference instead folds the low-rank term into the base output
+slower than cuBLAS on large shapes; the reference instead adds the low-rank term into the base output
 with one accumulating cuBLAS GEMM (`addmm`), which removes the scale and add kernels.
 `AUTO_TRITON` lists the ops "auto" sends to Triton, so a kernel that wins a measurement is one line away.
 
@@ -27,7 +28,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 import torch
@@ -45,12 +46,14 @@ AUTO_TRITON: frozenset[str] = frozenset({"scale_rows"})
 #: runs. Measured on an H200 (bench/results/kernels_rowscale-, kernels-h200-2026-11-30.json): 10% faster in a
 #: CUDA graph; slower eager (130 against 122 ms at Llama-1.1B size)
 AUTO_SCALE_ROWS: frozenset[str] = frozenset({"ia3_linear"})
-#: ops that "auto" runs on CUDA in a graphed step with IA3's scales folded into the frozen weight (`ia3_fold`):
-#: a pass over the weight instead of over the activations. It takes precedence over AUTO_SCALE_ROWS, which
-#: bench/kernels.py's `ours_rowscale_ia3_graphed` arm measures beside it by emptying this set: at roberta-large
-#: size graphed 15.98 against 17.07 ms, at Llama-1.1B size 124.4 against 126.9 ms
-#: (bench/results/kernels_ia3_fold_all-h200-2026-11-30.json)
-AUTO_FOLD: frozenset[str] = frozenset({"ia3_linear"})
+#: ops that "auto" runs on CUDA in a graphed step with their adapter folded into the frozen weight, and the
+#: module of each: IA3's scales (`ia3_fold`: a pass over the weight instead of over the activations) and LoRA's
+#: update (`lora_fold`: the forward and the input gradient are the floor's GEMMs). It takes precedence over
+#: AUTO_SCALE_ROWS. bench/kernels.py's `ours_rowscale_ia3_graphed` and `ours_nofold_lora8_all_graphed` arms
+#: measure "auto" without it, side by side (bench/results/kernels_fold_all-h200-2026-11-30.json, graphed): IA3 at
+#: roberta-large size 15.98 against 17.07 ms (kernels_ia3_fold_all-), LoRA r8 on all linears 20.46 against
+#: 23.27 ms, at Llama-1.1B size 132.3 against 141.9 ms
+AUTO_FOLD: dict[str, str] = {"ia3_linear": "ia3_fold", "lora_linear": "lora_fold", "lora_linear_multi": "lora_fold"}
 #: the ops `accumulate` implements: the reference's GEMMs with their own backward (LoRA: each input gradient
 #: summed in the frozen GEMM's epilogue; the bottleneck adapter: ReLU in the GEMM epilogue, bias gradients as
 #: GEMMs). Mode "accumulate" runs them so (any device, eager or not); "auto" runs the ones in AUTO_ACCUMULATE so
@@ -90,7 +93,7 @@ def graphed() -> Iterator[None]:
         _graphed = before
 
 
-def _auto_graphed(x: torch.Tensor, name: str, names: frozenset[str]) -> bool:
+def _auto_graphed(x: torch.Tensor, name: str, names: Container[str]) -> bool:
     """"auto", in a graphed step on CUDA, for an op in `names`; never while compiling (a compiled step stays
     the reference, whose plain ops inductor fuses itself)."""
     return (_mode == "auto" and _graphed and name in names and _on_gpu(x)
@@ -140,9 +143,8 @@ def _dispatch(name: str) -> Callable[..., Any]:
             if fn is not None:
                 return fn(x, *args, **kwargs)
         if _use_fold(x, name):
-            from autopeft.kernels import ia3_fold
-
-            return getattr(ia3_fold, name)(x, *args, **kwargs)
+            module = importlib.import_module(f"autopeft.kernels.{AUTO_FOLD[name]}")
+            return getattr(module, name)(x, *args, **kwargs)
         if _use_scale_rows(x, name):
             from autopeft.kernels import rowscale
 

@@ -60,6 +60,8 @@ def test_unknown_mode() -> None:
 @pytest.mark.parametrize(("name", "module", "args"), [
     ("scale_rows", "fused", lambda: [torch.randn(1, 5, 8), torch.randn(1, 8)]),
     ("ia3_linear", "ia3_fold", lambda: _args("ia3_linear")),
+    ("lora_linear", "lora_fold", lambda: _args("lora_linear")),
+    ("lora_linear_multi", "lora_fold", lambda: _args("lora_linear_multi")),
     ("bottleneck_adapter", "accumulate", lambda: _args("bottleneck_adapter"))])
 def test_auto_on_a_gpu_takes_the_graph_paths_only_in_a_graphed_step(name: str, module: str, args,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +94,7 @@ def test_without_the_fold_graphed_ia3_takes_scale_rows(monkeypatch: pytest.Monke
     monkeypatch.setattr(ia3_fold, "ia3_linear", lambda *a, **k: taken.append("fold"))
     monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
-    monkeypatch.setattr(kernels, "AUTO_FOLD", frozenset())
+    monkeypatch.setattr(kernels, "AUTO_FOLD", {})
     kernels.set_kernels("auto")
     with kernels.graphed():
         kernels.ia3_linear(*_args("ia3_linear"))

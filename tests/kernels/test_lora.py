@@ -1,6 +1,10 @@
-"""Fused LoRA and multi-LoRA vs the reference: output and every gradient, fp32/bf16/fp16, odd sizes, 3D input."""
+"""Fused LoRA and multi-LoRA vs the reference: output and every gradient, fp32/bf16/fp16, odd sizes, 3D input.
+Each op two ways: the Triton kernels, and the update folded into the frozen weight (`kernels.lora_fold`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -10,32 +14,42 @@ from tests.kernels.compare import act, check_op, frozen, param, rel_err
 DTYPES = [torch.float32, torch.bfloat16]
 
 
+@pytest.fixture(params=["triton", "fold"])
+def impl(request: pytest.FixtureRequest) -> Callable[[str], Any]:
+    """The implementation of an op under test: None for the dispatch on "on" (Triton), or lora_fold's."""
+    if request.param == "triton":
+        return lambda name: None
+    from autopeft.kernels import lora_fold
+
+    return lambda name: getattr(lora_fold, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", ["none", "frozen", "trained"])
-def test_lora_linear(dtype: torch.dtype, bias: str, seed: int) -> None:
+def test_lora_linear(dtype: torch.dtype, bias: str, seed: int, impl: Callable[[str], Any]) -> None:
     M1, M2, K, N, r = 3, 13, 48, 40, 4
     x = act(M1, M2, K, dtype=dtype)
     w = frozen(N, K, dtype=dtype, scale=K**-0.5)
     b = None if bias == "none" else frozen(N, dtype=dtype).requires_grad_(bias == "trained")
     A, B = param(r, K, scale=K**-0.5, like=dtype), param(N, r, like=dtype)
-    check_op("lora_linear", [x, w, b, A, B, 2.0], {}, dtype, seed)
+    check_op("lora_linear", [x, w, b, A, B, 2.0], {}, dtype, seed, fn=impl("lora_linear"))
 
 
-def test_lora_linear_fp16_long_rank_and_k(seed: int) -> None:
+def test_lora_linear_fp16_long_rank_and_k(seed: int, impl: Callable[[str], Any]) -> None:
     """K and r spanning several K-loop and rank-loop iterations, with an fp32 frozen weight under fp16 input."""
     K, N, r = 80, 24, 70
     x = act(2, 9, K, dtype=torch.float16)
     w = frozen(N, K, dtype=torch.float32, scale=K**-0.5)
     A, B = param(r, K, scale=K**-0.5, like=torch.float16), param(N, r, scale=r**-0.5, like=torch.float16)
-    check_op("lora_linear", [x, w, None, A, B, 0.5], {}, torch.float16, seed)
+    check_op("lora_linear", [x, w, None, A, B, 0.5], {}, torch.float16, seed, fn=impl("lora_linear"))
 
 
-def test_lora_linear_input_without_grad(seed: int) -> None:
+def test_lora_linear_input_without_grad(seed: int, impl: Callable[[str], Any]) -> None:
     """The first adapted layer: no input gradient is asked for, A and B still get theirs."""
     x = act(37, 48, dtype=torch.float32, grad=False)
     w = frozen(40, 48, dtype=torch.float32)
     check_op("lora_linear", [x, w, frozen(40, dtype=torch.float32), param(4, 48), param(40, 4), 1.0], {},
-             torch.float32, seed)
+             torch.float32, seed, fn=impl("lora_linear"))
 
 
 def test_lora_linear_dropout(seed: int) -> None:
@@ -62,8 +76,10 @@ def test_lora_linear_dropout(seed: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_linear_multi(dtype: torch.dtype, seed: int) -> None:
-    """q/k/v of a GQA layer: different output sizes and ranks, one without bias, one with a trained bias."""
+@pytest.mark.parametrize("scalings", [[2.0, 0.5, 1.0], [1.5, 1.5, 1.5]])
+def test_lora_linear_multi(dtype: torch.dtype, scalings: list[float], seed: int, impl: Callable[[str], Any]) -> None:
+    """q/k/v of a GQA layer: different output sizes and ranks, one without bias, one with a trained bias; scalings
+    that differ, and one shared (the fold then takes the A's gradients in one GEMM)."""
     K = 48
     x = act(3, 13, K, dtype=dtype)
     outs, ranks = [40, 24, 24], [4, 2, 8]
@@ -71,10 +87,10 @@ def test_lora_linear_multi(dtype: torch.dtype, seed: int) -> None:
     bs = [frozen(40, dtype=dtype), None, frozen(24, dtype=torch.float32).requires_grad_(True)]
     As = [param(r, K, scale=K**-0.5, like=dtype) for r in ranks]
     Bs = [param(n, r, like=dtype) for n, r in zip(outs, ranks)]
-    check_op("lora_linear_multi", [x, ws, bs, As, Bs, [2.0, 0.5, 1.0]], {}, dtype, seed)
+    check_op("lora_linear_multi", [x, ws, bs, As, Bs, scalings], {}, dtype, seed, fn=impl("lora_linear_multi"))
 
 
-def test_lora_linear_multi_unused_output(seed: int) -> None:
+def test_lora_linear_multi_unused_output(seed: int, impl: Callable[[str], Any]) -> None:
     """An output that never reaches the loss gets no gradient and breaks nothing."""
     K = 48
     x = act(37, K, dtype=torch.float32)
@@ -83,4 +99,20 @@ def test_lora_linear_multi_unused_output(seed: int) -> None:
     As[1].requires_grad_(False)
     Bs[1].requires_grad_(False)
     check_op("lora_linear_multi", [x, ws, [None, None], As, Bs, [1.0, 1.0]], {}, torch.float32, seed,
-             unused_outputs=(1,))
+             unused_outputs=(1,), fn=impl("lora_linear_multi"))
+
+
+def test_folded_lora_with_dropout_is_the_reference(seed: int) -> None:
+    """LoRA dropout masks the low-rank path's input only, which no single weight can express: the fold hands a
+    training call with dropout to the reference (same RNG draw, same output), and folds it at evaluation."""
+    from autopeft.kernels import lora_fold, reference
+
+    x = act(5, 16, dtype=torch.float32)
+    w, A, B = frozen(8, 16, dtype=torch.float32), param(2, 16), param(8, 2)
+    torch.manual_seed(seed)
+    got = lora_fold.lora_linear(x, w, None, A, B, 1.0, dropout=0.5, training=True)
+    torch.manual_seed(seed)
+    torch.testing.assert_close(got, reference.lora_linear(x, w, None, A, B, 1.0, dropout=0.5, training=True))
+    assert not lora_fold.supported(torch.float32, [w], 0.5)
+    assert lora_fold.supported(torch.float32, [w], 0.0)
+    assert not lora_fold.supported(torch.float32, [w.clone().requires_grad_(True)])

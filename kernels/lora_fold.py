@@ -1,0 +1,170 @@
+"""LoRA folded into the frozen weight for the step: y = x (W + s B A)^T + b, the low-rank update added to a copy
+of W (one rank-r GEMM, W' = addmm(W, B, A, alpha=s)) and the linear run as the frozen floor runs it.
+
+Why: at encoder sizes a LoRA step is made of small kernels. Applied to the activations, every LoRA linear adds
+a low-rank GEMM and an accumulating GEMM over its output forward, and backward a low-rank GEMM and an add (or an
+accumulating GEMM) into the input gradient: on an H200 a graphed roberta-large-size step with LoRA r8 on all 144
+linears ran 1.64x the frozen floor (bench/results/kernels_ia3_fold_all-h200-2026-11-30.json), where the issue
+asks 1.25x. Folded, the forward and the input gradient are the floor's own GEMMs with W' (the low-rank path is
+in W'), and what LoRA adds is W' itself (out x in, small beside the activations: one Triton kernel, `fold_weight`)
+and, backward, the four skinny GEMMs that give A's and B's gradients:
+    xa = x A^T,  gb = g B,  dA = s gb^T x,  dB = s g^T xa.
+Linears reading one input (q, k, v: `lora_linear_multi`) share one `x [A_q; A_k; A_v]^T` and one GEMM for their
+A's gradients, and their input gradient accumulates in place, GEMM after GEMM (no add kernels, which the floor
+itself pays).
+
+Numerics: W' is rounded to the compute dtype, so in bf16 the forward sees s B A rounded onto W's grid (unbiased
+where W's values fall at random in their rounding interval, as rounding the frozen weight itself is) rather than
+added exactly; the gradients of A and B are the exact formulas above. tests/kernels/test_lora_fold.py holds it
+to the fp64 reference within the kernels' tolerance. LoRA dropout (a mask on the low-rank path's input only)
+has no folded form: it stays on the other paths (`supported`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from autopeft.kernels import casts
+
+FOLD_BLOCK = 64
+
+
+@triton.jit
+def _fold_weight(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """W' = W + s B A over one (BN, BK) tile: W read once and W' written once, B's (BN, r) and A's (r, BK) tiles
+    multiplied in one fp32 `tl.dot` (r padded to RP >= 16 with zeros), where `torch.addmm(W, B, A)` first copies W and
+    then reads and writes it again."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    ranks = tl.arange(0, RP)
+    rmask, cmask, kmask = rows < N, cols < K, ranks < R
+    b = tl.load(B + rows[:, None] * R + ranks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    a = tl.load(A + ranks[:, None] * K + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    low = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")  # tiny: r x BN x BK FMAs
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32) + s * low
+    tl.store(WO + offs, w.to(WO.dtype.element_ty), mask=mask)
+
+
+def fold_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """W + scaling * B @ A in `dtype`, one launch."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    grid = (triton.cdiv(n, FOLD_BLOCK), triton.cdiv(k, FOLD_BLOCK))
+    _fold_weight[grid](w.contiguous(), A.contiguous(), B.contiguous(), out, n, k, A.shape[0], scaling,
+                       RP=max(16, triton.next_power_of_2(A.shape[0])), BN=FOLD_BLOCK, BK=FOLD_BLOCK)
+    return out
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, like: torch.Tensor) -> torch.Tensor:
+    """alpha * a @ b in one GEMM (cuBLAS's alpha): addmm with beta=0 never reads its input, so `like`, anything
+    broadcasting to the result, costs nothing (a zeros tensor would cost a fill kernel per call)."""
+    return torch.addmm(like, a, b, beta=0, alpha=alpha)
+
+
+class _FoldedLora(torch.autograd.Function):
+    """n linears on one input x: y_i = x (W_i + s_i B_i A_i)^T + b_i. Arguments after x and the scalings: the n
+    weights, the n biases (None allowed), the n A's, the n B's, A's and B's already in x's dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *params: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        n = len(scalings)
+        ws, bs, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
+        x2 = x.reshape(-1, x.shape[-1])
+        folds = [fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
+        ys = [F.linear(x2, wf, None if b is None else b.to(x.dtype)) for wf, b in zip(folds, bs, strict=True)]
+        ctx.save_for_backward(x2, *folds, *As, *Bs)
+        ctx.scalings, ctx.x_shape = scalings, x.shape
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in bs]
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        scalings = ctx.scalings
+        n = len(scalings)
+        x2, saved = ctx.saved_tensors[0], ctx.saved_tensors[1:]
+        folds, As, Bs = saved[:n], saved[n:2 * n], saved[2 * n:]
+        needs = ctx.needs_input_grad
+        need_b = needs[2 + n:2 + 2 * n]
+        need_A, need_B = needs[2 + 2 * n:2 + 3 * n], needs[2 + 3 * n:2 + 4 * n]
+        live = [i for i in range(n) if grads[i] is not None]
+        xa = None
+        if any(need_B[i] for i in live):  # one x A^T for every linear of the input
+            a_cat = As[0] if n == 1 else torch.cat(As, 0)
+            xa = x2 @ a_cat.t()
+        starts = [0]
+        for A in As:
+            starts.append(starts[-1] + A.shape[0])
+        gx = None
+        gbias: list[torch.Tensor | None] = [None] * n
+        gA: list[torch.Tensor | None] = [None] * n
+        gB: list[torch.Tensor | None] = [None] * n
+        # A's gradients in one GEMM over the concatenated g B's where the linears share a scaling (LoRA's alpha
+        # as a multiple of the rank: always), else one each
+        shared_A = len(set(scalings)) == 1 and len(live) > 1 and all(need_A[i] for i in live)
+        gbs = []
+        for i in live:
+            g = grads[i].reshape(-1, grads[i].shape[-1]).to(x2.dtype)
+            if needs[0]:
+                gx = g @ folds[i] if gx is None else gx.addmm_(g, folds[i])
+            if need_A[i]:
+                gb = g @ Bs[i]
+                if shared_A:
+                    gbs.append(gb)
+                else:
+                    gA[i] = _scaled_mm(gb.t(), x2, scalings[i], x2[0])
+            if need_B[i]:
+                gB[i] = _scaled_mm(g.t(), xa[:, starts[i]:starts[i + 1]], scalings[i], xa[0, :As[i].shape[0]])
+            if need_b[i] and ctx.bias_dtypes[i] is not None:  # BitFit trains the base bias alongside LoRA
+                gbias[i] = g.sum(0, dtype=torch.float32).to(ctx.bias_dtypes[i])
+        if gbs:
+            ga_cat = _scaled_mm(torch.cat(gbs, 1).t(), x2, scalings[0], x2[0])
+            for i, part in zip(live, ga_cat.split([As[i].shape[0] for i in live], 0), strict=True):
+                gA[i] = part
+        if gx is not None:
+            gx = gx.view(ctx.x_shape)
+        elif needs[0]:
+            gx = x2.new_zeros(ctx.x_shape)  # no output reached the loss
+        return gx, None, *([None] * n), *gbias, *gA, *gB
+
+
+def supported(dtype: torch.dtype, ws: Sequence[torch.Tensor], dropout: float = 0.0) -> bool:
+    """Where the fold computes what the reference does: frozen weights (a trained W needs its own gradient), no
+    LoRA dropout, a floating compute dtype."""
+    return dtype.is_floating_point and not dropout and not any(w.requires_grad for w in ws)
+
+
+def _apply(x: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor | None], As: Sequence[torch.Tensor],
+           Bs: Sequence[torch.Tensor], scalings: Sequence[float]) -> tuple[torch.Tensor, ...]:
+    dtype = casts.compute_dtype(x)
+    return _FoldedLora.apply(x.to(dtype), tuple(float(s) for s in scalings), *ws, *bs,
+                             *(casts.cast(A, dtype) for A in As), *(casts.cast(B, dtype) for B in Bs))
+
+
+def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """`reference.lora_linear` with the update folded into the weight; the reference where the fold does not
+    apply (LoRA dropout while training, a trained weight)."""
+    if not supported(casts.compute_dtype(x), [w], dropout if training else 0.0):
+        from autopeft.kernels import reference
+
+        return reference.lora_linear(x, w, b, A, B, scaling, dropout, training)
+    return _apply(x, [w], [b], [A], [B], [scaling])[0]
+
+
+def lora_linear_multi(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], As: list[torch.Tensor],
+                      Bs: list[torch.Tensor], scalings: list[float]) -> list[torch.Tensor]:
+    """`reference.lora_linear_multi` folded: one W' per linear, one x A^T for all of them in backward."""
+    if not supported(casts.compute_dtype(x), ws):
+        from autopeft.kernels import reference
+
+        return reference.lora_linear_multi(x, ws, bs, As, Bs, scalings)
+    return list(_apply(x, ws, bs, As, Bs, scalings))
