@@ -20,6 +20,9 @@ what a search can afford per trial: their `first_step_s` is warm-up + capture, n
 They are compared with the eager floor and with `floor_graphed` (the floor captured the same way). Replays
 allocate nothing, so a graphed arm's `peak_mem_mb` is measured from before its first step (the capture's
 allocations are the step's memory); `peak_incl_first_mb` is that figure for every arm, for the comparison.
+Arms named `ours_<mode>_<config>` run that kernel mode instead of "auto" (`off`, `triton` = "on", `acc` =
+"accumulate"); `ours_rowscale_ia3_graphed` and `ours_nofold_lora8_all_graphed` run "auto" without its weight folds
+(`kernels.AUTO_FOLD`), what "auto" was before them.
 
     python bench/kernels.py                 # GPU: both models, all methods but CUDA graphs (~20 min on an H100)
     python bench/kernels.py --quick         # a few iterations each: a smoke test on the GPU
