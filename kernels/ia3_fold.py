@@ -170,15 +170,16 @@ def supported(dtype: torch.dtype, w: torch.Tensor, b: torch.Tensor | None) -> bo
 
 def ia3_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale_out: torch.Tensor | None = None,
                scale_in: torch.Tensor | None = None) -> torch.Tensor:
-    """`reference.ia3_linear` with the scales folded into the frozen weight; the reference where the fold does
-    not apply (`supported`)."""
+    """`reference.ia3_linear` with the scales folded into the frozen weight. Where the fold does not apply
+    (`supported`: a BitFit bias beside IA3, fp16), the path "auto" took in graphed steps before the fold:
+    `rowscale.ia3_linear`, cuBLAS with the rescalings through `scale_rows`."""
     from autopeft.kernels import casts
 
     dtype = casts.compute_dtype(x)
     if (scale_out is None and scale_in is None) or not supported(dtype, w, b):
-        from autopeft.kernels import reference
+        from autopeft.kernels import rowscale
 
-        return reference.ia3_linear(x, w, b, scale_out, scale_in)
+        return rowscale.ia3_linear(x, w, b, scale_out, scale_in)
     so = casts.cast(scale_out, dtype) if scale_out is not None else None
     si = casts.cast(scale_in, dtype) if scale_in is not None else None
     return _FoldedIa3.apply(x.to(dtype), w, b, so, si)

@@ -84,6 +84,7 @@ class _FoldedLora(torch.autograd.Function):
         ctx.save_for_backward(x2, *folds, *As, *Bs)
         ctx.scalings, ctx.x_shape = scalings, x.shape
         ctx.bias_dtypes = [None if b is None else b.dtype for b in bs]
+        ctx.set_materialize_grads(False)  # an output that did not reach the loss costs no zero-filled GEMMs
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     @staticmethod

@@ -66,13 +66,20 @@ def test_colsum_div_one_pass_and_split(rows: int, min_programs: int) -> None:
     assert rel_err(got, want) < 1e-5
 
 
-def test_a_trained_weight_or_bias_takes_the_reference() -> None:
-    """The folded GEMM gives no weight or bias gradient: a BitFit bias beside IA3 goes the reference's way."""
+def test_a_trained_weight_or_bias_takes_the_path_before_the_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folded GEMM gives no weight or bias gradient: a BitFit bias beside IA3 goes the way "auto" took in a
+    graphed step before the fold (`rowscale.ia3_linear`), with every gradient."""
+    from autopeft.kernels import rowscale
+
+    taken = []
+    ia3_rowscale = rowscale.ia3_linear
+    monkeypatch.setattr(rowscale, "ia3_linear", lambda *a, **k: taken.append(1) or ia3_rowscale(*a, **k))
     x = act(4, 8, dtype=torch.float32)
     w = frozen(6, 8, dtype=torch.float32)
     b = torch.randn(6, requires_grad=True)
     s = (torch.rand(6) + 0.5).requires_grad_(True)
     assert not ia3_fold.supported(torch.float32, w, b)
     ia3_fold.ia3_linear(x, w, b, scale_out=s).sum().backward()
+    assert taken == [1]
     assert b.grad is not None and s.grad is not None
     assert not ia3_fold.supported(torch.float16, w, None)  # fp16 cannot hold TINY x y
