@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from autopeft.errors import UserError
+from autopeft.precision import is_low_precision, keep_norm_dtype
 
 DEFAULT_BACKBONE = "minilm"
 
@@ -33,6 +34,9 @@ class Architecture:
     # linears the backbone's code calls on one and the same input tensor (q/k/v of self-attention, Llama's
     # gate/up): their LoRA x A^T products can be one GEMM (`autopeft.peft.linear.share_lora_input`)
     shared_input: tuple[tuple[str, ...], ...] = ()
+    # a causal decoder: with right padding no real token attends to a padded one, so its batches need no
+    # attention mask (`train.collate`), and SDPA runs its causal kernel
+    causal: bool = False
 
 
 BERT = Architecture(
@@ -71,6 +75,7 @@ LLAMA = Architecture(
     ffn_out="mlp",
     head=("score",),
     shared_input=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+    causal=True,
 )
 
 #: transformers `model_type` -> architecture. Encoders that share BERT's module names reuse BERT's map.
@@ -94,6 +99,12 @@ def architecture_of(model: nn.Module) -> Architecture:
             f"backbone architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     return ARCHITECTURES[model_type]
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Whether `model` (a backbone, or HF PEFT's wrapper of one) is a causal decoder; False for anything else."""
+    arch = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
+    return arch is not None and arch.causal
 
 
 def get_layers(model: nn.Module) -> nn.ModuleList:
@@ -173,6 +184,8 @@ def load_backbone(name: str | os.PathLike | None, num_labels: int, *, regression
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    if is_low_precision(dtype):  # a bf16 residual stream under autocast, as the frozen floor runs it
+        keep_norm_dtype(model)
     return model, tokenizer
 
 

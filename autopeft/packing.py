@@ -87,7 +87,7 @@ from autopeft import kernels
 from autopeft.cuda_graphs import GraphedStep, StaticGradients, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
 from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast, _chunk_rows, compute_dtype
-from autopeft.models import architecture_of, get_layers, resolve_backbone
+from autopeft.models import architecture_of, get_layers, is_causal, resolve_backbone
 from autopeft.peft import inject
 from autopeft.peft.linear import PeftLinear
 from autopeft.peft.prefix import PrefixKV, prefix_attention
@@ -1081,13 +1081,14 @@ def _eager_steps(base: nn.Module, state: PackState, active: list[_Trial], dev: t
     """The eager packed step (the reference, and the path without CUDA graphs): every trial's loss read on the
     host between forward and backward, only the finite ones back-propagated, gradients handed out by the
     stacks' hooks (`_Stack._hand_out`), a trial leaving the pack the step its loss turns non-finite."""
+    causal = is_causal(base)  # no mask for a causal decoder, as train.collate gives it none
     while active:
         batches = [(t, next(t.batches)) for t in active]
         input_ids, mask, segments = _collate_pack(batches, pad_id)
         input_ids, mask = input_ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
         state.segments = segments
         with autocast:
-            logits = base(input_ids=input_ids, attention_mask=mask).logits
+            logits = base(input_ids=input_ids, attention_mask=None if causal else mask).logits
             losses = [_loss(base, logits[s:e], t.labels[idx].to(dev))
                       for (t, idx), (_, s, e) in zip(batches, segments, strict=True)]
             losses = [loss * float("nan") if t.fault == "nan" else loss
@@ -1155,10 +1156,13 @@ def _static_step_fn(base: nn.Module, state: PackState, trials: Sequence[_Trial],
     slot is its own region; tests check this). The per-trial losses, as one [n] tensor, are the output: the
     loop reads them after the step, one step late, and removes a trial whose loss was not finite."""
 
+    causal = is_causal(base)  # no mask for a causal decoder, as train.collate gives it none
+
     def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = inputs["labels"]
         with autocast:
-            logits = base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            logits = base(input_ids=inputs["input_ids"],
+                          attention_mask=None if causal else inputs["attention_mask"]).logits
             losses = []
             for k, s, e in state.segments:
                 loss = _loss(base, logits[s:e], labels[s:e])

@@ -30,7 +30,7 @@ from torch import nn
 from autopeft import kernels
 from autopeft.cuda_graphs import GraphedStep, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed
-from autopeft.models import load_backbone, resolve_backbone
+from autopeft.models import is_causal, load_backbone, resolve_backbone
 from autopeft.peft import inject
 from autopeft.spec import Fidelity, Metrics, PeftSpec
 from autopeft.tasks import Split, TaskData, compute_metrics, holdout_split, load_task, resolve_data_dir
@@ -154,15 +154,24 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random
 
 
 def collate(ids: list[list[int]], idx: Sequence[int], pad_id: int, device: torch.device,
-            width: int | None = None) -> dict[str, torch.Tensor]:
-    """The batch `idx` padded to its longest example, or to `width` (a CUDA graph's bucket length): padded
-    positions have attention mask 0, so a classifier's per-example loss is the same either way."""
+            width: int | None = None, causal: bool = False) -> dict[str, torch.Tensor]:
+    """The batch `idx` padded on the right to its longest example, or to `width` (a CUDA graph's bucket length):
+    padded positions have attention mask 0, so a classifier's per-example loss is the same either way.
+
+    A causal decoder (`causal`) gets no mask: its real tokens never attend to the padding after them, and its
+    classifier reads the last real token (found from the pad id), so every score is the same without one. With
+    a mask, transformers cannot tell inside a CUDA graph's capture that a batch is unpadded, builds the full
+    4D mask, and SDPA then computes every block of attention instead of the causal half: at Llama-1.1B size,
+    attention took 20.4 ms of a graphed step against 9.2 ms eagerly (bench/results/
+    kernels_llama_mask_profile-h200-2026-11-30.json)."""
     width = max(width or 0, max(len(ids[i]) for i in idx))
     input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
     for row, i in enumerate(idx):
         input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
         mask[row, :len(ids[i])] = 1
+    if causal:
+        return {"input_ids": input_ids.to(device)}
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
@@ -359,12 +368,13 @@ def evaluate(model: nn.Module, ids: list[list[int]], labels: Sequence, task: Tas
              pad_id: int, device: torch.device) -> dict[str, float]:
     model.eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # sorted: least padding, same result
+    causal = is_causal(model)
     preds: list[Any] = [None] * len(ids)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         with autocast:
-            logits = model(**collate(ids, idx, pad_id, device)).logits.float()
+            logits = model(**collate(ids, idx, pad_id, device, causal=causal)).logits.float()
         out = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
         for i, p in zip(idx, out.cpu().tolist()):
             preds[i] = p
@@ -484,6 +494,7 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs) if dev.type == "cuda"
                 else _null())
     trainable = [p for p in model.parameters() if p.requires_grad]
+    causal = is_causal(model)
 
     def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast:
@@ -522,7 +533,7 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
                     if step >= total_steps:
                         break
                     width = bucket_length(max(len(train_ids[i]) for i in idx), fid.max_length) if graphed else None
-                    batch = collate(train_ids, idx, pad_id, dev, width=width)
+                    batch = collate(train_ids, idx, pad_id, dev, width=width, causal=causal)
                     batch["labels"] = labels[idx].to(dev)
                     if graphed is not None and graphed.active and len(idx) == fid.batch_size:
                         loss = graphed(batch)  # a new shape: warm-up step + capture; else one replay

@@ -22,7 +22,8 @@ allocate nothing, so a graphed arm's `peak_mem_mb` is measured from before its f
 allocations are the step's memory); `peak_incl_first_mb` is that figure for every arm, for the comparison.
 Arms named `ours_<mode>_<config>` run that kernel mode instead of "auto" (`off`, `triton` = "on", `acc` =
 "accumulate"); `ours_rowscale_ia3_graphed` and `ours_nofold_lora8_all_graphed` run "auto" without its weight folds
-(`kernels.AUTO_FOLD`), what "auto" was before them.
+(`kernels.AUTO_FOLD`), what "auto" was before them; `ours_cublasgrads_lora8_all_graphed` runs the LoRA fold with A's
+and B's gradients by cuBLAS GEMMs (`lora_fold.FUSED_GRADS` off), what it was before `kernels.lowrank_grads`.
 
     python bench/kernels.py                 # GPU: both models, all methods but CUDA graphs (~20 min on an H100)
     python bench/kernels.py --quick         # a few iterations each: a smoke test on the GPU
@@ -253,26 +254,33 @@ def methods() -> list[tuple[str, Callable, str | None]]:
     # what "auto" ran before `ia3_fold` and `lora_fold`
     out += [("ours_rowscale_ia3_graphed", _ours(OUR_SPECS["ia3"]), NO_FOLD),
             ("ours_nofold_lora8_all_graphed", _ours(OUR_SPECS["lora8_all"]), NO_FOLD)]
+    # the LoRA fold with A's and B's gradients by cuBLAS GEMMs, what it ran before kernels.lowrank_grads
+    out += [("ours_cublasgrads_lora8_all_graphed", _ours(OUR_SPECS["lora8_all"]), CUBLAS_GRADS)]
     return out
 
 
-#: a bench-only kernel mode: "auto" without the weight folds (kernels.AUTO_FOLD emptied for the arm)
+#: bench-only kernel modes: "auto" without the weight folds (kernels.AUTO_FOLD emptied for the arm), and "auto"
+#: with the LoRA fold's A and B gradients by cuBLAS (lora_fold.FUSED_GRADS off for the arm)
 NO_FOLD = "auto_no_fold"
+CUBLAS_GRADS = "auto_cublas_grads"
 
 
 @contextlib.contextmanager
 def kernel_mode(mode: str | None) -> Iterator[None]:
     """The arm's kernel mode for its build and steps; "auto" (the trainer's default) after it."""
     from autopeft import kernels
+    from autopeft.kernels import lora_fold
 
-    fold = kernels.AUTO_FOLD
+    fold, fused = kernels.AUTO_FOLD, lora_fold.FUSED_GRADS
     if mode == NO_FOLD:
         kernels.AUTO_FOLD, mode = {}, "auto"
+    if mode == CUBLAS_GRADS:
+        lora_fold.FUSED_GRADS, mode = False, "auto"
     kernels.set_kernels(mode or "off")
     try:
         yield
     finally:
-        kernels.AUTO_FOLD = fold
+        kernels.AUTO_FOLD, lora_fold.FUSED_GRADS = fold, fused
         kernels.set_kernels("auto")
 
 
@@ -295,6 +303,8 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
     With `graphed` forward + loss + backward run through `autopeft.cuda_graphs.GraphedStep` (captured on the
     first call), as the trainer runs them; the closure's `graphed` attribute is that step (None otherwise), so
     a caller can see whether the capture held."""
+    from autopeft.models import is_causal
+
     model, embeds = make(build_model(setup, device, dtype), setup)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one launch for all parameters, the fair choice for every method alike
@@ -306,11 +316,13 @@ def _training_step(setup: ModelSetup, make: Callable, device: torch.device, dtyp
         inputs = {"inputs_embeds": model.get_input_embeddings()(ids).detach().requires_grad_(True)}
     else:
         inputs = {"input_ids": ids}
-    # an attention mask (all ones: every row full), as the trainer always passes one. Without it a CUDA graph's
-    # capture of a BERT-style encoder runs SDPA's fp32 math fallback, 1.5x the attention kernel's time
+    # an attention mask (all ones: every row full) for an encoder, as the trainer passes one. Without it a CUDA
+    # graph's capture of a BERT-style encoder runs SDPA's fp32 math fallback, 1.5x the attention kernel's time
     # (bench/profile/sdpa_capture.py, sdpa_capture-h200-2026-11-30.json), which made every graphed arm
-    # (the floor's too) slower than the trainer's
-    inputs["attention_mask"] = torch.ones_like(ids)
+    # (the floor's too) slower than the trainer's. A causal decoder gets none, as the trainer gives it none
+    # (train.collate): with one, a graph's capture computed all of attention instead of its causal half
+    if not is_causal(model):
+        inputs["attention_mask"] = torch.ones_like(ids)
 
     def step() -> None:
         if cudagraphs:

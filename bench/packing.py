@@ -45,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results
 
+from autopeft import precision
 from autopeft.errors import TrialFailed
 from autopeft.models import load_backbone, resolve_backbone
 from autopeft.spec import CUDA_GRAPH_MODES, Fidelity, PeftSpec
@@ -180,6 +181,9 @@ def main() -> None:
                     help="add the packs trained with the eager packed step (cuda_graphs off: packed_eager)")
     ap.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="auto",
                     help="fidelity.cuda_graphs of our unpacked and packed arms (default auto: graphed on CUDA)")
+    ap.add_argument("--fp32-norms", action="store_true",
+                    help="autocast's fp32 LayerNorm outputs (the trainer's before 2026-11-30) instead of the "
+                         "backbone's bf16 (autopeft.precision), to compare the two")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
 
@@ -200,6 +204,7 @@ def main() -> None:
         fid = Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
                        max_length=args.max_length)
     fid = dataclasses.replace(fid, cuda_graphs=args.cuda_graphs)
+    precision.FP32_NORMS = args.fp32_norms
     task = data.load(task_name)
     configs = [TrialConfig(task=task_name, spec=SPECS[i % len(SPECS)], backbone=backbone,
                            fidelity=dataclasses.replace(fid, seed=i), data=data) for i in range(args.trials)]
@@ -302,6 +307,7 @@ def main() -> None:
     summary |= rerun_acc_diffs(rows)
     what = "tiny random BERT, toy CSV (smoke test: the numbers mean nothing)" if args.tiny else \
         f"{args.backbone} on {args.task}"
+    norms = "fp32 (autocast's, --fp32-norms)" if args.fp32_norms else "bf16 (autopeft.precision)"
     notes = (f"{what}; {len(configs)} trials per arm, packs of {args.pack_size}; fidelity {fid.to_dict()}; "
              f"seeds 0..{len(configs) - 1}; wall-clock per arm from loading to scored trial, evaluation included "
              f"cuda_graphs: unpacked {fid.cuda_graphs}, hf_peft off, hf_peft_graphed auto, packed {fid.cuda_graphs} "
@@ -309,8 +315,9 @@ def main() -> None:
              "pack's steps ran as CUDA graphs), packed_eager off; "
              "(our unpacked arm keeps the loaded backbone in memory between trials, as a search worker does; the "
              "HF PEFT arm loads it for each trial, as a script per trial would); "
-             f"pack_tokens_per_s_* = training tokens of the packs / their training seconds; {device_name(device)}")
-    name = "packing" if short == "roberta_large" else f"packing_{short}"
+             f"pack_tokens_per_s_* = training tokens of the packs / their training seconds; LayerNorm outputs "
+             f"{norms}; {device_name(device)}")
+    name = ("packing" if short == "roberta_large" else f"packing_{short}") + ("_fp32_norms" if args.fp32_norms else "")
     write_results(name, rows, summary, out_dir=args.out, notes=notes, device=device)
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)

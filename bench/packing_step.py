@@ -12,6 +12,8 @@ clipping and AdamW step, as `packing.train_pack` runs it. Arms, on the same pack
 * `grouped_graphed` (CUDA only): the grouped step's forward, losses and backward as one CUDA graph
   (`autopeft.cuda_graphs.GraphedStep` over static stack gradients, `PackState.make_static`), clipping and AdamW
   outside, as `packing.train_pack` runs a pack under `cuda_graphs` auto;
+* `grouped_graphed_fp32_norms` (CUDA only): the same with autocast's fp32 LayerNorm outputs
+  (`autopeft.precision.FP32_NORMS`), what the trainer ran before its LayerNorms kept the backbone's bf16;
 * `unpacked`: each trial's own model stepped alone on its own rows, summed over the K trials: what K
   one-by-one trials cost for the same work.
 
@@ -42,10 +44,11 @@ from common import device_name, format_profile, profile_step, time_cuda, write_r
 from packing import SPECS
 from torch import nn
 
-from autopeft import packing
+from autopeft import packing, precision
 from autopeft.cuda_graphs import GraphedStep
 from autopeft.packing import _share_frozen, build_packed_model
 from autopeft.peft import inject
+from autopeft.precision import is_low_precision, keep_norm_dtype
 from autopeft.spec import Fidelity, PeftSpec
 from autopeft.train import _param_groups, _seed_everything, pick_device
 
@@ -72,6 +75,8 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, pa
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").to(dtype)
+    if is_low_precision(dtype):  # as load_backbone does for the trainer
+        keep_norm_dtype(base)
     shared = dict(base.named_parameters())
     models, specs = [], []
     for k in range(args.pack_size):
@@ -194,7 +199,8 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     ms: dict[str, float] = {}
-    arms = ["loop", "unpacked", "grouped"] + (["grouped_graphed"] if device.type == "cuda" else [])
+    arms = ["loop", "unpacked", "grouped"] + (["grouped_graphed", "grouped_graphed_fp32_norms"]
+                                                if device.type == "cuda" else [])
     for arm in arms:
         if arm == "unpacked" and args.skip_unpacked:
             continue
@@ -203,9 +209,10 @@ def main() -> None:
             print(f"grouped: {stacked} of {len(state.sites)} packed sites stacked", flush=True)
         for t in trials:  # fresh AdamW state, laid out like the parameters as they are now (as in train_pack)
             t.optimizer = torch.optim.AdamW(_param_groups(t.model, Fidelity()))
-        if arm == "grouped_graphed":
+        precision.FP32_NORMS = arm.endswith("_fp32_norms")  # autocast's fp32 LayerNorms, for comparison
+        if arm.startswith("grouped_graphed"):
             make_graphed()
-        fn = {"unpacked": unpacked_steps, "grouped_graphed": graphed_step}.get(arm, packed_step)
+        fn = graphed_step if arm.startswith("grouped_graphed") else {"unpacked": unpacked_steps}.get(arm, packed_step)
         before = (state.grouped, state.looped)
         ms[arm] = time_cuda(fn, warmup=args.warmup, iters=args.iters)
         calls = args.warmup + args.iters
@@ -214,7 +221,7 @@ def main() -> None:
         row = {"arm": arm, "ms_per_step": ms[arm], "grouped_calls_per_step": per_step[0],
                "looped_calls_per_step": per_step[1], "losses_finite": finite,
                "tokens_per_s": k * bs * length / (ms[arm] / 1000)}
-        if arm == "grouped_graphed":  # a replay runs no Python: the site calls counted are the capture's
+        if arm.startswith("grouped_graphed"):  # a replay runs no Python: the site calls counted are the capture's
             st = graphed["step"]
             row |= {"graph_captures": st.captures, "graph_replays": st.replays, "graph_failure": st.failure}
         if args.profile and arm in ("grouped", "unpacked"):
@@ -223,6 +230,7 @@ def main() -> None:
         rows.append(row)
         print(f"{arm:9s} {ms[arm]:9.1f} ms/step  (site calls per step: {per_step[0]:.0f} grouped, "
               f"{per_step[1]:.0f} per segment; losses finite: {finite})", flush=True)
+    precision.FP32_NORMS = False
     state.release()
 
     summary: dict[str, float] = {
@@ -243,6 +251,11 @@ def main() -> None:
         summary["pack_tokens_per_s_grouped_graphed"] = k * bs * length / (ms["grouped_graphed"] / 1000)
         if "unpacked" in ms:
             summary["graphed_speedup_vs_unpacked"] = ms["unpacked"] / ms["grouped_graphed"]
+    if "grouped_graphed_fp32_norms" in ms:
+        summary["step_ms_grouped_graphed_fp32_norms"] = ms["grouped_graphed_fp32_norms"]
+        summary["pack_tokens_per_s_grouped_graphed_fp32_norms"] = (
+            k * bs * length / (ms["grouped_graphed_fp32_norms"] / 1000))
+        summary["bf16_norms_speedup_graphed"] = ms["grouped_graphed_fp32_norms"] / ms["grouped_graphed"]
     for row in rows:
         if "profile" in row:
             summary |= {f"profile_{row['arm']}_{c}": v for c, v in row["profile"].items() if c.endswith("_ms")}
@@ -252,7 +265,8 @@ def main() -> None:
              f"over {args.iters} steps after {args.warmup} warm-up; unpacked = the K trials' own steps summed; "
              "grouped_graphed (CUDA only) = the grouped step's forward + backward as one CUDA graph (the first "
              "warm-up step captures it; packed_graphed = 1 when it did), clip + AdamW outside; tokens/s = K x rows "
-             "x tokens per step (every row full); "
+             "x tokens per step (every row full); LayerNorms keep bf16 under autocast (autopeft.precision), "
+             "except in grouped_graphed_fp32_norms (autocast's fp32 LayerNorms, the trainer's before 2026-11-30); "
              f"autopeft.kernels mode {args.kernels}; {device_name(device)}")
     name = "packing_step" + ("_kernels_off" if args.kernels == "off" else "") + ("_tiny" if args.tiny else "")
     write_results(name, rows, summary, out_dir=args.out,

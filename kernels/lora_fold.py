@@ -22,6 +22,7 @@ has no folded form: it stays on the other paths (`supported`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,13 +31,24 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from autopeft.kernels import casts
+from autopeft.kernels import casts, lowrank_grads
 
-FOLD_BLOCK = 64
+#: A's and B's gradients by `lowrank_grads` (three Triton launches per input) rather than four cuBLAS GEMMs and
+#: their split-K reduces per linear; bench/kernels.py's ours_cublasgrads_* arm turns it off to compare
+FUSED_GRADS = True
+#: the fold kernel's tile (rows, columns) and warps: the fastest or within 0.1 us of it at every shape of the
+#: issue's two models (bench/results/lora_fold_parts-h200-2026-11-30.json)
+FOLD_TILES = (64, 64, 4)
+#: B A on the tensor cores for bf16/fp16 adapters: 12.1 against 18.6 us for a Llama-1.1B FFN weight, 2.4 against
+#: 3.1 us at 1,024 x 1,024, a copy of W taking 10.8 and 1.7 (lora_fold_parts_knobs-h200-2026-11-30.json). The
+#: interpreter's bf16 `tl.dot` is wrong, so never there
+FOLD_TENSOR_CORES = True
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _fold_weight(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _fold_weight(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 TC: tl.constexpr):
     """W' = W + s B A over one (BN, BK) tile: W read once and W' written once, B's (BN, r) and A's (r, BK) tiles
     multiplied in one fp32 `tl.dot` (r padded to RP >= 16 with zeros), where `torch.addmm(W, B, A)` first copies W and
     then reads and writes it again."""
@@ -48,18 +60,28 @@ def _fold_weight(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK
     a = tl.load(A + ranks[:, None] * K + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
-    low = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")  # tiny: r x BN x BK FMAs
+    if TC:  # bf16/fp16 operands on the tensor cores: their products are exact in the fp32 accumulator
+        low = tl.dot(b, a)
+    else:  # tiny: r x BN x BK FMAs
+        low = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32) + s * low
     tl.store(WO + offs, w.to(WO.dtype.element_ty), mask=mask)
 
 
-def fold_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """W + scaling * B @ A in `dtype`, one launch."""
+def fold_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
+                tiles: tuple[int, int, int] = FOLD_TILES, tensor_cores: bool | None = None) -> torch.Tensor:
+    """W + scaling * B @ A in `dtype`, one launch. `tiles` (rows, columns, warps) and `tensor_cores` (B A on the
+    tensor cores, default where A and B are bf16 or fp16) are parameters so bench/profile/lora_fold_parts.py can
+    time the choices."""
     n, k = w.shape
+    bn, bk, warps = tiles
+    if tensor_cores is None:
+        tensor_cores = FOLD_TENSOR_CORES
+    tc = tensor_cores and A.dtype == B.dtype and A.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
     out = torch.empty(n, k, dtype=dtype, device=w.device)
-    grid = (triton.cdiv(n, FOLD_BLOCK), triton.cdiv(k, FOLD_BLOCK))
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     _fold_weight[grid](w.contiguous(), A.contiguous(), B.contiguous(), out, n, k, A.shape[0], scaling,
-                       RP=max(16, triton.next_power_of_2(A.shape[0])), BN=FOLD_BLOCK, BK=FOLD_BLOCK)
+                       RP=max(16, triton.next_power_of_2(A.shape[0])), BN=bn, BK=bk, TC=tc, num_warps=warps)
     return out
 
 
@@ -97,44 +119,57 @@ class _FoldedLora(torch.autograd.Function):
         need_b = needs[2 + n:2 + 2 * n]
         need_A, need_B = needs[2 + 2 * n:2 + 3 * n], needs[2 + 3 * n:2 + 4 * n]
         live = [i for i in range(n) if grads[i] is not None]
-        xa = None
-        if any(need_B[i] for i in live):  # one x A^T for every linear of the input
-            a_cat = As[0] if n == 1 else torch.cat(As, 0)
-            xa = x2 @ a_cat.t()
-        starts = [0]
-        for A in As:
-            starts.append(starts[-1] + A.shape[0])
+        gs = {i: grads[i].reshape(-1, grads[i].shape[-1]).to(x2.dtype) for i in live}
         gx = None
         gbias: list[torch.Tensor | None] = [None] * n
-        gA: list[torch.Tensor | None] = [None] * n
-        gB: list[torch.Tensor | None] = [None] * n
-        # A's gradients in one GEMM over the concatenated g B's where the linears share a scaling (LoRA's alpha
-        # as a multiple of the rank: always), else one each
-        shared_A = len(set(scalings)) == 1 and len(live) > 1 and all(need_A[i] for i in live)
-        gbs = []
         for i in live:
-            g = grads[i].reshape(-1, grads[i].shape[-1]).to(x2.dtype)
             if needs[0]:
-                gx = g @ folds[i] if gx is None else gx.addmm_(g, folds[i])
-            if need_A[i]:
-                gb = g @ Bs[i]
-                if shared_A:
-                    gbs.append(gb)
-                else:
-                    gA[i] = _scaled_mm(gb.t(), x2, scalings[i], x2[0])
-            if need_B[i]:
-                gB[i] = _scaled_mm(g.t(), xa[:, starts[i]:starts[i + 1]], scalings[i], xa[0, :As[i].shape[0]])
+                gx = gs[i] @ folds[i] if gx is None else gx.addmm_(gs[i], folds[i])
             if need_b[i] and ctx.bias_dtypes[i] is not None:  # BitFit trains the base bias alongside LoRA
-                gbias[i] = g.sum(0, dtype=torch.float32).to(ctx.bias_dtypes[i])
-        if gbs:
-            ga_cat = _scaled_mm(torch.cat(gbs, 1).t(), x2, scalings[0], x2[0])
-            for i, part in zip(live, ga_cat.split([As[i].shape[0] for i in live], 0), strict=True):
-                gA[i] = part
+                gbias[i] = gs[i].sum(0, dtype=torch.float32).to(ctx.bias_dtypes[i])
+        if FUSED_GRADS and all(need_A) and all(need_B) and lowrank_grads.supported(x2, grads, As):
+            gA, gB = lowrank_grads.lowrank_grads(x2, [gs[i] for i in range(n)], As, Bs, scalings)
+        else:
+            gA, gB = _cublas_grads(x2, gs, As, Bs, scalings, need_A, need_B)
         if gx is not None:
             gx = gx.view(ctx.x_shape)
         elif needs[0]:
             gx = x2.new_zeros(ctx.x_shape)  # no output reached the loss
         return gx, None, *([None] * n), *gbias, *gA, *gB
+
+
+def _cublas_grads(x2: torch.Tensor, gs: dict[int, torch.Tensor], As: Sequence[torch.Tensor],
+                  Bs: Sequence[torch.Tensor], scalings: Sequence[float], need_A: Sequence[bool],
+                  need_B: Sequence[bool]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """A's and B's gradients as cuBLAS GEMMs, for the linears whose output reached the loss (`gs`): one x A^T for
+    them all, one g B each, one GEMM for the A gradients where they share a scaling (LoRA's alpha as a multiple
+    of the rank: always), the scaling in each GEMM's alpha."""
+    n = len(As)
+    gA: list[torch.Tensor | None] = [None] * n
+    gB: list[torch.Tensor | None] = [None] * n
+    live = list(gs)
+    starts = [0]
+    for A in As:
+        starts.append(starts[-1] + A.shape[0])
+    xa = None
+    if any(need_B[i] for i in live):
+        xa = x2 @ (As[0] if n == 1 else torch.cat(list(As), 0)).t()
+    shared_A = len(set(scalings)) == 1 and len(live) > 1 and all(need_A[i] for i in live)
+    gbs = []
+    for i in live:
+        if need_A[i]:
+            gb = gs[i] @ Bs[i]
+            if shared_A:
+                gbs.append(gb)
+            else:
+                gA[i] = _scaled_mm(gb.t(), x2, scalings[i], x2[0])
+        if need_B[i]:
+            gB[i] = _scaled_mm(gs[i].t(), xa[:, starts[i]:starts[i + 1]], scalings[i], xa[0, :As[i].shape[0]])
+    if gbs:
+        ga_cat = _scaled_mm(torch.cat(gbs, 1).t(), x2, scalings[0], x2[0])
+        for i, part in zip(live, ga_cat.split([As[i].shape[0] for i in live], 0), strict=True):
+            gA[i] = part
+    return gA, gB
 
 
 def supported(dtype: torch.dtype, ws: Sequence[torch.Tensor], dropout: float = 0.0) -> bool:

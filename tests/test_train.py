@@ -151,3 +151,31 @@ def test_hf_peft_parameters_train_at_our_methods_learning_rates(hf_config: str) 
     for name, p in model.named_parameters():
         if name in method:
             assert lr[id(p)] == method[name], name
+
+
+@pytest.mark.parametrize("spec", [{"lora": {"rank": {"q": 4, "v": 4}}}, {"prefix": {"length": 3, "gate": False}},
+                                  {"prefix": {"length": 3}}])
+def test_a_causal_decoders_batches_need_no_mask(spec: dict) -> None:
+    """Right-padded rows of a causal decoder score and train the same without the attention mask (which the
+    trainer leaves out for them, so SDPA runs its causal kernel in CUDA graphs); an encoder keeps its mask."""
+    from autopeft.models import is_causal
+    from autopeft.peft import inject
+    from autopeft.train import collate
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    inject(model, PeftSpec.from_dict(spec, num_layers=3))
+    ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]
+    labels = torch.tensor([0, 1, 1])
+    cpu = torch.device("cpu")
+    masked, bare = collate(ids, [0, 1, 2], 0, cpu, width=8), collate(ids, [0, 1, 2], 0, cpu, width=8, causal=True)
+    assert is_causal(model) and "attention_mask" not in bare and torch.equal(masked["input_ids"], bare["input_ids"])
+    out = [model(**b, labels=labels) for b in (masked, bare)]
+    torch.testing.assert_close(out[0].logits, out[1].logits, rtol=1e-5, atol=1e-6)
+    grads = []
+    for o in out:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(o.loss, trainable))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not is_causal(tiny_model("bert")) and "attention_mask" in collate(ids, [0, 1], 0, cpu)

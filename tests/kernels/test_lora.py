@@ -1,9 +1,10 @@
 """Fused LoRA and multi-LoRA vs the reference: output and every gradient, fp32/bf16/fp16, odd sizes, 3D input.
-Each op two ways: the Triton kernels, and the update folded into the frozen weight (`kernels.lora_fold`)."""
+Each op three ways: the Triton kernels, and the update folded into the frozen weight (`kernels.lora_fold`) with A's
+and B's gradients by `kernels.lowrank_grads` or by cuBLAS."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,14 +15,19 @@ from tests.kernels.compare import act, check_op, frozen, param, rel_err
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(params=["triton", "fold"])
-def impl(request: pytest.FixtureRequest) -> Callable[[str], Any]:
-    """The implementation of an op under test: None for the dispatch on "on" (Triton), or lora_fold's."""
+@pytest.fixture(params=["triton", "fold", "fold_cublas_grads"])
+def impl(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Any]]:
+    """The implementation of an op under test: None for the dispatch on "on" (Triton), or lora_fold's, its A and
+    B gradients by `lowrank_grads` (its default) or by cuBLAS GEMMs."""
     if request.param == "triton":
-        return lambda name: None
+        yield lambda name: None
+        return
     from autopeft.kernels import lora_fold
 
-    return lambda name: getattr(lora_fold, name)
+    fused = lora_fold.FUSED_GRADS
+    lora_fold.FUSED_GRADS = request.param == "fold"
+    yield lambda name: getattr(lora_fold, name)
+    lora_fold.FUSED_GRADS = fused
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

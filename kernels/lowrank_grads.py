@@ -1,0 +1,230 @@
+"""A's and B's gradients of up to three LoRA linears reading one input, in three Triton launches:
+    xa = x [A_1; ...; A_n]^T,  gb_i = g_i B_i,  dA_i = s_i gb_i^T x,  dB_i = s_i g_i^T xa_i.
+
+Why: folded into the weight (`lora_fold`), a LoRA linear's forward and input gradient are the frozen floor's
+own GEMMs, and what LoRA still adds is these four skinny products. As cuBLAS GEMMs they are two GEMMs over
+rows and two split-K GEMMs, each with its reduce kernel: for q, k and v at roberta-large size (4,096 rows,
+1,024 features, rank 8) twelve kernels, about 47 us, where reading x and the three g twice takes about 15 us
+(bench/results/lora_fold_parts-h200-2026-11-30.json: x A^T 3.7 us, g B 4.8, each split-K GEMM 7.2). Here:
+- `_row_pass`: one launch for x A^T of all the linears (A's stacked) and every g_i B_i, row blocks by job;
+- `_col_pass`: one launch for every column of both reductions, dA's over x's columns and dB's over each g's,
+  the rows split so at least MIN_PROGRAMS programs run, writing fp32 partial sums;
+- `_finish`: one launch adding the partial sums, scaling and casting into the gradients.
+Deterministic (fixed splits, no atomics), in x's dtype as cuBLAS's would be, accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+#: the stacked ranks the kernels take (their tiles hold RP = next power of two >= 16 of them); above, cuBLAS
+MAX_RANKS = 64
+MAX_LINEARS = 3
+ROW_BM, ROW_BK = 32, 128
+COL_BM, COL_BC = 64, 64
+FINISH_BLOCK = 1024
+MIN_PROGRAMS = 528
+#: how many of the three launches run: less only to time the first ones alone (bench/profile/lora_fold_parts.py)
+PASSES = 3
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET: tl.constexpr = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32 operands in full precision (IEEE), others on the tensor cores; under the CPU interpreter, whose bf16
+    `tl.dot` returns garbage (triton 3.9), in fp32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _row_pass(X, ACAT, G0, G1, G2, B0, B1, B2, XA, GB, M, K, N0, N1, N2, RSUM, R0, R1, R2, O1, O2,
+              RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """Job 0: XA[rows, :RSUM] = x A_cat^T; job 1 + i: GB[rows, O_i : O_i + R_i] = g_i B_i. A operand's element
+    (c, j) sits at c * sc + j * sj: A_cat is (RSUM, K), B_i is (N_i, R_i)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    job = tl.program_id(1)
+    if job == 0:
+        src, w, out, C, R, sc, sj, off = X, ACAT, XA, K, RSUM, 1, K, 0
+    elif job == 1:
+        src, w, out, C, R, sc, sj, off = G0, B0, GB, N0, R0, R0, 1, 0
+    elif job == 2:
+        src, w, out, C, R, sc, sj, off = G1, B1, GB, N1, R1, R1, 1, O1
+    else:
+        src, w, out, C, R, sc, sj, off = G2, B2, GB, N2, R2, R2, 1, O2
+    jj = tl.arange(0, RP)
+    jmask = jj < R
+    acc = tl.zeros([BM, RP], dtype=tl.float32)
+    for c0 in range(0, C, BK):
+        cols = c0 + tl.arange(0, BK)
+        cmask = cols < C
+        a = tl.load(src + rows[:, None].to(tl.int64) * C + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0)
+        b = tl.load(w + cols[:, None] * sc + jj[None, :] * sj, mask=cmask[:, None] & jmask[None, :], other=0.0)
+        acc += _dot(a, b, IEEE)
+    if job == 0:  # all of XA's RP columns (A_cat's missing rows gave zeros), and zeros in GB's unused ones
+        tl.store(XA + rows[:, None].to(tl.int64) * RP + jj[None, :], acc.to(XA.dtype.element_ty),
+                 mask=rmask[:, None])
+        tl.store(GB + rows[:, None].to(tl.int64) * RP + jj[None, :], tl.zeros([BM, RP], dtype=GB.dtype.element_ty),
+                 mask=rmask[:, None] & (jj >= RSUM)[None, :])
+    else:
+        tl.store(out + rows[:, None].to(tl.int64) * RP + (off + jj)[None, :], acc.to(out.dtype.element_ty),
+                 mask=rmask[:, None] & jmask[None, :])
+
+
+@triton.jit
+def _col_pass(X, XA, GB, G0, G1, G2, P, M, K, N0, N1, N2, rows_per, NA, NB0, NB1, TOTAL, BASE0, BASE1, BASE2,
+              RP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
+    """Column block cb over this split's rows, into P[split]: cb < NA: P[j * K + c] = Σ_m GB[m, j] x[m, c] (dA's,
+    all RP rows); else for g_i's columns: P[BASE_i + c * RP + j] = Σ_m g_i[m, c] XA[m, j] (dB's).
+
+    The two branches are the same reduction on purpose: merged into one loop over a selected pointer and stride
+    (either operand order), q, k and v took 46.8 or 47.4 us against 35.5 us for these two (bench/profile/
+    lora_fold_parts.py on an H200: lora_fold_parts-h200-2026-11-30.json for this version,
+    lora_fold_parts_merged_colpass_*-h200-2026-11-30.json for the merged ones). Why was not established; a
+    likely cause is x's loads losing what the compiler knows of their pointer and stride (alignment) once they
+    are selected at run time."""
+    cb = tl.program_id(0)
+    split = tl.program_id(1)
+    start = split * rows_per
+    end = tl.minimum(start + rows_per, M)
+    jj = tl.arange(0, RP)
+    part = P + split.to(tl.int64) * TOTAL
+    if cb < NA:
+        cols = cb * BC + tl.arange(0, BC)
+        cmask = cols < K
+        acc_a = tl.zeros([RP, BC], dtype=tl.float32)
+        for m0 in range(start, end, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < end
+            gb = tl.load(GB + rows[:, None].to(tl.int64) * RP + jj[None, :], mask=rmask[:, None], other=0.0)
+            x = tl.load(X + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            acc_a += _dot(tl.trans(gb), x, IEEE)
+        tl.store(part + jj[:, None] * K + cols[None, :], acc_a, mask=cmask[None, :])
+    else:
+        c = cb - NA
+        if c < NB0:
+            g, N, base = G0, N0, BASE0
+        elif c < NB0 + NB1:
+            g, N, base, c = G1, N1, BASE1, c - NB0
+        else:
+            g, N, base, c = G2, N2, BASE2, c - NB0 - NB1
+        cols = c * BC + tl.arange(0, BC)
+        cmask = cols < N
+        acc_b = tl.zeros([BC, RP], dtype=tl.float32)
+        for m0 in range(start, end, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < end
+            gt = tl.load(g + rows[:, None].to(tl.int64) * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                         other=0.0)
+            xa = tl.load(XA + rows[:, None].to(tl.int64) * RP + jj[None, :], mask=rmask[:, None], other=0.0)
+            acc_b += _dot(tl.trans(gt), xa, IEEE)
+        tl.store(part + base + cols[:, None] * RP + jj[None, :], acc_b, mask=cmask[:, None])
+
+
+@triton.jit
+def _finish(P, GA, GB0, GB1, GB2, SPLITS, TOTAL, K, RSUM, N0, N1, N2, R0, R1, R2, O1, O2, S0, S1, S2,
+            BASE0, BASE1, BASE2, RP: tl.constexpr, BE: tl.constexpr):
+    """Σ over splits of BE partial sums, scaled, into the gradient they belong to (regions start at multiples of
+    BE, so a program never straddles two)."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    first = tl.program_id(0) * BE
+    total = tl.zeros([BE], dtype=tl.float32)
+    for i in range(0, SPLITS):
+        total += tl.load(P + i * TOTAL + e, mask=e < TOTAL, other=0.0)
+    if first < BASE0:  # dA's: (RP, K) partials into A_cat's (RSUM, K) gradient
+        j = e // K
+        ok = (j < RSUM) & (e < RP * K)
+        scale = tl.where(j < O1, S0, tl.where(j < O2, S1, S2))  # A_cat's rows: linear 0's, then 1's, then 2's
+        tl.store(GA + e, (total * scale).to(GA.dtype.element_ty), mask=ok)
+    else:
+        if first < BASE1:
+            out, base, N, R, off, s = GB0, BASE0, N0, R0, 0, S0
+        elif first < BASE2:
+            out, base, N, R, off, s = GB1, BASE1, N1, R1, O1, S1
+        else:
+            out, base, N, R, off, s = GB2, BASE2, N2, R2, O2, S2
+        local = e - base
+        n = local // RP
+        j = local % RP - off
+        ok = (n < N) & (j >= 0) & (j < R)
+        tl.store(out + n * R + j, (total * s).to(out.dtype.element_ty), mask=ok)
+
+
+def supported(x2: torch.Tensor, grads: Sequence[torch.Tensor | None], As: Sequence[torch.Tensor]) -> bool:
+    """Where these kernels apply: on a GPU (or the interpreter), up to MAX_LINEARS linears, every output reached
+    the loss, at most MAX_RANKS ranks in all, a float dtype (tf32 is never used: fp32 runs in full precision)."""
+    return ((x2.is_cuda or _INTERPRET) and len(As) <= MAX_LINEARS and sum(A.shape[0] for A in As) <= MAX_RANKS
+            and all(g is not None for g in grads) and x2.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
+                  Bs: Sequence[torch.Tensor], scalings: Sequence[float]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(dA_i, dB_i) for y_i = x (W_i + s_i B_i A_i)^T + b_i: x2 (M, K); g_i (M, N_i); A_i (r_i, K) and B_i (N_i, r_i)
+    in x2's dtype; the gradients in x2's dtype. The caller checks `supported`."""
+    m, k = x2.shape
+    n = len(As)
+    ranks = [A.shape[0] for A in As]
+    rsum = sum(ranks)
+    rp = max(16, triton.next_power_of_2(rsum))
+    dev, dtype = x2.device, x2.dtype
+    ieee = dtype == torch.float32
+    gs = [g.reshape(-1, g.shape[-1]).to(dtype).contiguous() for g in grads]
+    ns = [g.shape[1] for g in gs]
+    offs = [sum(ranks[:i]) for i in range(n)]
+    a_cat = (As[0] if n == 1 else torch.cat(list(As), 0)).contiguous()
+    Bs = [B.contiguous() for B in Bs]
+
+    def pad(seq: Sequence, fill: object) -> list:  # the kernels take MAX_LINEARS of each; the rest never read
+        return list(seq) + [fill] * (MAX_LINEARS - n)
+
+    gp, bp, np_, rr, oo = pad(gs, gs[0]), pad(Bs, Bs[0]), pad(ns, 0), pad(ranks, 0), pad(offs, rsum)
+
+    xa = torch.empty(m, rp, dtype=dtype, device=dev)
+    gb = torch.empty(m, rp, dtype=dtype, device=dev)
+    _row_pass[(triton.cdiv(m, ROW_BM), 1 + n)](
+        x2, a_cat, *gp, *bp, xa, gb, m, k, *np_, rsum, *rr, oo[1], oo[2], RP=rp, BM=ROW_BM, BK=ROW_BK, IEEE=ieee)
+
+    if PASSES == 1:
+        return [], []
+    na = triton.cdiv(k, COL_BC)
+    nbs = [triton.cdiv(c, COL_BC) for c in ns]
+    blocks = na + sum(nbs)
+    split = max(1, min(triton.cdiv(MIN_PROGRAMS, blocks), triton.cdiv(m, COL_BM)))
+    rows_per = _round_up(triton.cdiv(m, split), COL_BM)
+    split = triton.cdiv(m, rows_per)
+    bases, at = [], _round_up(rp * k, FINISH_BLOCK)
+    for c in ns:
+        bases.append(at)
+        at += _round_up(c * rp, FINISH_BLOCK)
+    total = at
+    bases = pad(bases, total)
+    partial = torch.empty(split, total, dtype=torch.float32, device=dev)
+    nbp = pad(nbs, 0)
+    _col_pass[(blocks, split)](x2, xa, gb, *gp, partial, m, k, *np_, rows_per, na, nbp[0], nbp[1], total, *bases,
+                               RP=rp, BM=COL_BM, BC=COL_BC, IEEE=ieee)
+
+    if PASSES == 2:
+        return [], []
+    ga = torch.empty(rsum, k, dtype=dtype, device=dev)
+    dbs = [torch.empty(c, r, dtype=dtype, device=dev) for c, r in zip(ns, ranks, strict=True)]
+    _finish[(total // FINISH_BLOCK,)](partial, ga, *pad(dbs, dbs[0]), split, total, k, rsum, *np_, *rr,
+                                      oo[1], oo[2], *pad([float(s) for s in scalings], 0.0), *bases, RP=rp,
+                                      BE=FINISH_BLOCK)
+    return list(ga.split(ranks, 0)), dbs
