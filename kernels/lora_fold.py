@@ -22,7 +22,6 @@ has no folded form: it stays on the other paths (`supported`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import triton
 import triton.language as tl
 
 from autopeft.kernels import casts, lowrank_grads
+from autopeft.kernels.gemm import INTERPRET
 
 #: A's and B's gradients by `lowrank_grads` (three Triton launches per input) rather than four cuBLAS GEMMs and
 #: their split-K reduces per linear; bench/kernels.py's ours_cublasgrads_* arm turns it off to compare
@@ -43,7 +43,6 @@ FOLD_TILES = (64, 64, 4)
 #: 3.1 us at 1,024 x 1,024, a copy of W taking 10.8 and 1.7 (lora_fold_parts_knobs-h200-2026-11-30.json). The
 #: interpreter's bf16 `tl.dot` is wrong, so never there
 FOLD_TENSOR_CORES = True
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

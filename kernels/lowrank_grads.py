@@ -15,12 +15,13 @@ Deterministic (fixed splits, no atomics), in x's dtype as cuBLAS's would be, acc
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from autopeft.kernels.gemm import INTERPRET as _INTERPRET
 
 #: the stacked ranks the kernels take (their tiles hold RP = next power of two >= 16 of them); above, cuBLAS
 MAX_RANKS = 64
@@ -31,14 +32,13 @@ FINISH_BLOCK = 1024
 MIN_PROGRAMS = 528
 #: how many of the three launches run: less only to time the first ones alone (bench/profile/lora_fold_parts.py)
 PASSES = 3
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET: tl.constexpr = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """fp32 operands in full precision (IEEE), others on the tensor cores; under the CPU interpreter, whose bf16
-    `tl.dot` returns garbage (triton 3.9), in fp32."""
+    `tl.dot` multiplies raw bits (see gemm.py), in fp32."""
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     if INTERPRET:
@@ -164,9 +164,11 @@ def _finish(P, GA, GB0, GB1, GB2, SPLITS, TOTAL, K, RSUM, N0, N1, N2, R0, R1, R2
 
 def supported(x2: torch.Tensor, grads: Sequence[torch.Tensor | None], As: Sequence[torch.Tensor]) -> bool:
     """Where these kernels apply: on a GPU (or the interpreter), up to MAX_LINEARS linears, every output reached
-    the loss, at most MAX_RANKS ranks in all, a float dtype (tf32 is never used: fp32 runs in full precision)."""
+    the loss, at most MAX_RANKS ranks in all, some rows, a float dtype (tf32 is never used: fp32 runs in full
+    precision)."""
     return ((x2.is_cuda or _INTERPRET) and len(As) <= MAX_LINEARS and sum(A.shape[0] for A in As) <= MAX_RANKS
-            and all(g is not None for g in grads) and x2.dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and x2.shape[0] > 0 and all(g is not None for g in grads)
+            and x2.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
 def _round_up(n: int, m: int) -> int:

@@ -42,8 +42,8 @@ def test_matches_the_formulas(m: int, k: int, ns: list[int], ranks: list[int], s
 
 
 def test_outside_its_limits_it_declines() -> None:
-    """More than three linears, more than MAX_RANKS ranks in all, or an output that never reached the loss: the
-    caller's cuBLAS path computes those."""
+    """More than three linears, more than MAX_RANKS ranks in all, an output that never reached the loss, or no
+    rows: the caller's cuBLAS path computes those."""
     x = torch.randn(8, 16)
     g = torch.randn(8, 4)
     A = torch.randn(8, 16)
@@ -51,3 +51,4 @@ def test_outside_its_limits_it_declines() -> None:
     assert not lowrank_grads.supported(x, [g] * 4, [A] * 4)
     assert not lowrank_grads.supported(x, [g], [torch.randn(lowrank_grads.MAX_RANKS + 1, 16)])
     assert not lowrank_grads.supported(x, [g, None], [A, A])
+    assert not lowrank_grads.supported(x[:0], [g[:0]], [A])  # no rows: nothing to launch over
