@@ -166,13 +166,13 @@ def collate(ids: list[list[int]], idx: Sequence[int], pad_id: int, device: torch
     kernels_llama_mask_profile-h200-2026-11-30.json)."""
     width = max(width or 0, max(len(ids[i]) for i in idx))
     input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
     for row, i in enumerate(idx):
         input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-        mask[row, :len(ids[i])] = 1
-    if causal:
-        return {"input_ids": input_ids.to(device)}
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    batch = {"input_ids": input_ids.to(device)}
+    if not causal:
+        lengths = torch.tensor([len(ids[i]) for i in idx])
+        batch["attention_mask"] = (torch.arange(width) < lengths[:, None]).long().to(device)
+    return batch
 
 
 # ----- measurement ------------------------------------------------------------------------------------------

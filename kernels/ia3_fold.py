@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from autopeft.kernels.partials import row_split
+
 #: |s| below this is taken as TINY (see the module docstring); representable in bf16 and fp32
 TINY = 1e-20
 #: the column sums take column blocks of BLOCK_F and run at least MIN_PROGRAMS programs (MIN_PROGRAMS_WIDE from
@@ -108,12 +110,10 @@ def colsum_div(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, block_f: int =
     min_programs = min_programs or (MIN_PROGRAMS_WIDE if feats >= WIDE else MIN_PROGRAMS)
     out = torch.empty(feats, dtype=s.dtype, device=a.device)
     col_blocks = triton.cdiv(feats, block_f)
-    split = max(1, min(triton.cdiv(min_programs, col_blocks), triton.cdiv(rows, BLOCK_T)))
+    split, rows_per = row_split(rows, col_blocks, min_programs, BLOCK_T)
     if split == 1:
         _colsum[(col_blocks, 1)](a, b, s, out, rows, feats, rows, FINAL=True, BT=BLOCK_T, BF=block_f)
         return out
-    rows_per = triton.cdiv(triton.cdiv(rows, split), BLOCK_T) * BLOCK_T
-    split = triton.cdiv(rows, rows_per)
     partial = torch.empty(split, feats, dtype=torch.float32, device=a.device)
     _colsum[(col_blocks, split)](a, b, s, partial, rows, feats, rows_per, FINAL=False, BT=BLOCK_T, BF=block_f)
     _finish[(col_blocks,)](partial, s, out, split, feats, BF=block_f)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from autopeft.kernels.gemm import INTERPRET as _INTERPRET
+from autopeft.kernels.partials import row_split
 
 #: the stacked ranks the kernels take (their tiles hold RP = next power of two >= 16 of them); above, cuBLAS
 MAX_RANKS = 64
@@ -208,9 +209,7 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
     na = triton.cdiv(k, COL_BC)
     nbs = [triton.cdiv(c, COL_BC) for c in ns]
     blocks = na + sum(nbs)
-    split = max(1, min(triton.cdiv(MIN_PROGRAMS, blocks), triton.cdiv(m, COL_BM)))
-    rows_per = _round_up(triton.cdiv(m, split), COL_BM)
-    split = triton.cdiv(m, rows_per)
+    split, rows_per = row_split(m, blocks, MIN_PROGRAMS, COL_BM)
     bases, at = [], _round_up(rp * k, FINISH_BLOCK)
     for c in ns:
         bases.append(at)
