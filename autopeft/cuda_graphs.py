@@ -15,7 +15,8 @@ The rules a captured step lives by (`GraphedStep` keeps them):
 * Fixed shapes: one graph per input shape, captured on the first batch of that shape. The trainer pads each
   batch's length up to a few bucket lengths (`bucket_length`) so a trial needs only a handful of graphs.
 * Static buffers: each graph reads its inputs from its own tensors; a replay first copies the batch in.
-* Static gradients: every trainable parameter gets a zero `.grad` before the first capture, and every graph
+* Static gradients: every trainable parameter gets a zero `.grad` before the first capture (views of one
+  buffer, `kernels.casts.share_gradients`, into which the adapters' gradients add in one kernel), and every graph
   accumulates into those very tensors. Zero them in place after the optimizer step (`zero_grad`); setting them
   to None would leave the graphs writing into tensors nobody reads.
 * Warm-up: the first batch of a shape runs eagerly on a side stream (lazy initialisation, library handles and
@@ -50,6 +51,7 @@ import torch
 
 from autopeft import kernels
 from autopeft.errors import UserError
+from autopeft.kernels import casts
 from autopeft.spec import CUDA_GRAPH_MODES
 
 #: the shortest bucket: padding a short batch up to 32 tokens costs nothing on a launch-bound step
@@ -114,22 +116,30 @@ class StaticGradients:
                  params: Sequence[torch.Tensor]) -> None:
         self._fn = forward_backward
         self._params = list(params)
+        kinds: dict[tuple, list[torch.Tensor]] = {}
         for p in self._params:
             if p.grad is None:
-                p.grad = torch.zeros_like(p)
+                kinds.setdefault((p.dtype, p.device), []).append(p)
+        # a buffer per dtype, so the adapters' gradients add in one kernel and zero in one
+        self._buffers = [casts.share_gradients(bare) for bare in kinds.values()]
         self._grads = [p.grad for p in self._params]
+        shared = {id(p) for bare in kinds.values() for p in bare}
+        self._loose = [p.grad for p in self._params if id(p) not in shared]
         self.captures = 0
         self.replays = 0
 
     def zero_grad(self) -> None:
         """Zero the static gradients in place (after the optimizer step): the graphs keep writing into them."""
         self._check_grads()
-        torch._foreach_zero_(self._grads)
+        for buf in self._buffers:
+            buf.zero_()
+        if self._loose:
+            torch._foreach_zero_(self._loose)
 
     def release(self) -> None:
         """Drop the hold on the static gradients (and whatever a subclass keeps for them); the step is unusable
         afterwards."""
-        self._params, self._grads = [], []
+        self._params, self._grads, self._buffers, self._loose = [], [], [], []
 
     def _check_grads(self) -> None:
         if any(p.grad is not g for p, g in zip(self._params, self._grads)):

@@ -95,7 +95,7 @@ def _category(name: str) -> str:
     return next((c for c, keys in PROFILE_CATEGORIES.items() if any(k in low for k in keys)), "other")
 
 
-def profile_step(fn: Callable[[], Any], steps: int = 3, top: int = 15, cuda: bool | None = None) -> dict[str, Any]:
+def profile_step(fn: Callable[[], Any], steps: int = 3, top: int = 40, cuda: bool | None = None) -> dict[str, Any]:
     """Where one step's time goes, per step: device time by category and the top kernels on a GPU (the time
     the GPU is busy: if it is well under the step's wall time, the step is bound by the host), self time of the
     aten ops on a CPU. Why: a target missed must be explained by a profile, not guessed; this is that profile,

@@ -6,7 +6,7 @@ a low-rank GEMM and an accumulating GEMM over its output forward, and backward a
 accumulating GEMM) into the input gradient: on an H200 a graphed roberta-large-size step with LoRA r8 on all 144
 linears ran 1.64x the frozen floor (bench/results/kernels_ia3_fold_all-h200-2026-11-30.json), where the issue
 asks 1.25x. Folded, the forward and the input gradient are the floor's own GEMMs with W' (the low-rank path is
-in W'), and what LoRA adds is W' itself (out x in, small beside the activations: one Triton kernel, `fold_weight`)
+in W'), and what LoRA adds is W' itself (out x in, small beside the activations: one Triton kernel, `fold_weights`)
 and, backward, the four skinny GEMMs that give A's and B's gradients:
     xa = x A^T,  gb = g B,  dA = s gb^T x,  dB = s g^T xa.
 Linears reading one input (q, k, v: `lora_linear_multi`) share one `x [A_q; A_k; A_v]^T` and one GEMM for their
@@ -15,7 +15,7 @@ itself pays).
 
 Numerics: W' is rounded to the compute dtype, so in bf16 the forward sees s B A rounded onto W's grid (unbiased
 where W's values fall at random in their rounding interval, as rounding the frozen weight itself is) rather than
-added exactly; the gradients of A and B are the exact formulas above. tests/kernels/test_lora_fold.py holds it
+added exactly; the gradients of A and B are the exact formulas above. tests/kernels/test_lora.py holds it
 to the fp64 reference within the kernels' tolerance. LoRA dropout (a mask on the low-rank path's input only)
 has no folded form: it stays on the other paths (`supported`).
 """
@@ -46,8 +46,7 @@ FOLD_TENSOR_CORES = True
 
 
 @triton.jit
-def _fold_weight(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 TC: tl.constexpr):
+def _fold_tile(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
     """W' = W + s B A over one (BN, BK) tile: W read once and W' written once, B's (BN, r) and A's (r, BK) tiles
     multiplied in one fp32 `tl.dot` (r padded to RP >= 16 with zeros), where `torch.addmm(W, B, A)` first copies W and
     then reads and writes it again."""
@@ -67,21 +66,56 @@ def _fold_weight(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK
     tl.store(WO + offs, w.to(WO.dtype.element_ty), mask=mask)
 
 
-def fold_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
-                tiles: tuple[int, int, int] = FOLD_TILES, tensor_cores: bool | None = None) -> torch.Tensor:
-    """W + scaling * B @ A in `dtype`, one launch. `tiles` (rows, columns, warps) and `tensor_cores` (B A on the
-    tensor cores, default where A and B are bf16 or fp16) are parameters so bench/profile/lora_fold_parts.py can
-    time the choices."""
-    n, k = w.shape
+@triton.jit
+def _fold_weights(W0, W1, W2, A0, A1, A2, B0, B1, B2, WO0, WO1, WO2, N0, N1, N2, K, R0, R1, R2, S0, S1, S2,
+                  RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
+    """Up to three folds on one input (q, k, v) in one launch, the third grid axis picking the weight; each
+    weight's pointers go straight to its tile (`_fold_tile`), none selected at run time (see
+    lowrank_grads._row_pass), and a narrower weight's surplus row blocks (GQA's k and v) return at once."""
+    i = tl.program_id(2)
+    first = tl.program_id(0) * BN
+    if i == 0:
+        _fold_tile(W0, A0, B0, WO0, N0, K, R0, S0, RP, BN, BK, TC)
+    elif i == 1:
+        if first < N1:
+            _fold_tile(W1, A1, B1, WO1, N1, K, R1, S1, RP, BN, BK, TC)
+    elif first < N2:
+        _fold_tile(W2, A2, B2, WO2, N2, K, R2, S2, RP, BN, BK, TC)
+
+
+def fold_weights(ws: Sequence[torch.Tensor], As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                 scalings: Sequence[float], dtype: torch.dtype, *, tiles: tuple[int, int, int] = FOLD_TILES,
+                 tensor_cores: bool | None = None) -> list[torch.Tensor]:
+    """W_i + scaling_i * B_i @ A_i in `dtype` for up to three weights of one input width, one launch (one a
+    linear before: 144 folds a roberta-large-size step, where 96 do with q, k and v together). `tiles` (rows,
+    columns, warps) and `tensor_cores` (B A on the tensor cores, default where A and B are bf16 or fp16) are
+    parameters so bench/profile/lora_fold_parts.py can time the choices."""
+    n = len(ws)
+    k = ws[0].shape[1]
     bn, bk, warps = tiles
     if tensor_cores is None:
         tensor_cores = FOLD_TENSOR_CORES
-    tc = tensor_cores and A.dtype == B.dtype and A.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
-    out = torch.empty(n, k, dtype=dtype, device=w.device)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _fold_weight[grid](w.contiguous(), A.contiguous(), B.contiguous(), out, n, k, A.shape[0], scaling,
-                       RP=max(16, triton.next_power_of_2(A.shape[0])), BN=bn, BK=bk, TC=tc, num_warps=warps)
-    return out
+    tc = (tensor_cores and all(A.dtype == B.dtype == As[0].dtype for A, B in zip(As, Bs, strict=True))
+          and As[0].dtype in (torch.bfloat16, torch.float16) and not INTERPRET)
+    outs = [torch.empty(w.shape[0], k, dtype=dtype, device=w.device) for w in ws]
+
+    def pad(seq: Sequence, fill: object) -> list:  # the kernel takes three of each; the rest never read
+        return list(seq) + [fill] * (3 - n)
+
+    ns = [w.shape[0] for w in ws]
+    ranks = [A.shape[0] for A in As]
+    grid = (triton.cdiv(max(ns), bn), triton.cdiv(k, bk), n)
+    _fold_weights[grid](*pad([w.contiguous() for w in ws], ws[0]), *pad([A.contiguous() for A in As], As[0]),
+                        *pad([B.contiguous() for B in Bs], Bs[0]), *pad(outs, outs[0]), *pad(ns, 0), k,
+                        *pad(ranks, 0), *pad([float(s) for s in scalings], 0.0),
+                        RP=max(16, triton.next_power_of_2(max(ranks))), BN=bn, BK=bk, TC=tc, num_warps=warps)
+    return outs
+
+
+def fold_weight(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
+                tiles: tuple[int, int, int] = FOLD_TILES, tensor_cores: bool | None = None) -> torch.Tensor:
+    """`fold_weights` of one weight."""
+    return fold_weights([w], [A], [B], [scaling], dtype, tiles=tiles, tensor_cores=tensor_cores)[0]
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, like: torch.Tensor) -> torch.Tensor:
@@ -100,7 +134,8 @@ class _FoldedLora(torch.autograd.Function):
         n = len(scalings)
         ws, bs, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
         x2 = x.reshape(-1, x.shape[-1])
-        folds = [fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
+        folds = fold_weights(ws, As, Bs, scalings, x.dtype) if n <= 3 else [
+            fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
         ys = [F.linear(x2, wf, None if b is None else b.to(x.dtype)) for wf, b in zip(folds, bs, strict=True)]
         ctx.save_for_backward(x2, *folds, *As, *Bs)
         ctx.scalings, ctx.x_shape = scalings, x.shape

@@ -1,16 +1,19 @@
-"""A's and B's gradients of up to three LoRA linears reading one input, in three Triton launches:
+"""A's and B's gradients of up to three LoRA linears reading one input, in two Triton launches:
     xa = x [A_1; ...; A_n]^T,  gb_i = g_i B_i,  dA_i = s_i gb_i^T x,  dB_i = s_i g_i^T xa_i.
 
 Why: folded into the weight (`lora_fold`), a LoRA linear's forward and input gradient are the frozen floor's
 own GEMMs, and what LoRA still adds is these four skinny products. As cuBLAS GEMMs they are two GEMMs over
 rows and two split-K GEMMs, each with its reduce kernel: for q, k and v at roberta-large size (4,096 rows,
 1,024 features, rank 8) twelve kernels, about 47 us, where reading x and the three g twice takes about 15 us
-(bench/results/lora_fold_parts-h200-2026-11-30.json: x A^T 3.7 us, g B 4.8, each split-K GEMM 7.2). Here:
+(bench/results/lora_fold_parts-h200-2026-11-30.json: x A^T 3.7 us, g B 4.8, each split-K GEMM 7.2). Here
+27 us (lora_fold_parts_finish-h200-2026-11-30.json):
 - `_row_pass`: one launch for x A^T of all the linears (A's stacked) and every g_i B_i, row blocks by job;
 - `_col_pass`: one launch for every column of both reductions, dA's over x's columns and dB's over each g's,
-  the rows split so at least MIN_PROGRAMS programs run, writing fp32 partial sums;
-- `_finish`: one launch adding the partial sums, scaling and casting into the gradients.
-Deterministic (fixed splits, no atomics), in x's dtype as cuBLAS's would be, accumulated in fp32.
+  the rows split so at least MIN_PROGRAMS programs run, each writing fp32 partial sums; the last split of a
+  column block to finish adds them up, scales them and casts them into the gradients (`FINISH_IN_COLS`;
+  else `_finish`, a third launch, does).
+Deterministic (fixed splits, summed in split order, no atomics on values), in x's dtype as cuBLAS's would be,
+accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -27,12 +30,27 @@ from autopeft.kernels.partials import row_split
 #: the stacked ranks the kernels take (their tiles hold RP = next power of two >= 16 of them); above, cuBLAS
 MAX_RANKS = 64
 MAX_LINEARS = 3
-ROW_BM, ROW_BK = 32, 128
+#: The tiles and splits, from bench/profile/lora_fold_parts.py's sweep on an H200 (lora_fold_parts_direct-h200-
+#: 2026-11-30.json, rank 8): row blocks of ROW_BM rows (ROW_BM_QKV for three linears, whose four jobs already give
+#: enough programs: q, k, v 29.1 against 32.3 us at roberta-large size), the row pass's reduction in steps of
+#: ROW_BK columns, WIDE_BK for a source ROW_WIDE or more columns wide (1,024 -> 4,096: 36.1 against 42.7 us;
+#: 4,096 -> 1,024: 27.4 against 30.8), FINISH_BLOCK partial sums a program in `_finish` (1,024: 16.6 against
+#: 15.0 us at 1,024 x 1,024, too few programs; where `FINISH_IN_COLS` is off), MIN_PROGRAMS for the column pass
+#: (with the finish in the column pass, 528 beat 264 by 0.3 to 2.4 us at all nine shapes in lora_fold_parts_
+#: finish-h200-2026-11-30.json; with `_finish` apart, 264 had been the faster: its partial sums are fewer)
+ROW_BM, ROW_BM_QKV, ROW_BK, WIDE_BK, ROW_WIDE = 32, 64, 128, 256, 4096
+#: WIDE_BK only where a pipeline stage's two tiles, (BM + RP) x WIDE_BK elements, take at most this many bytes:
+#: Triton 3.6 asked 240 KiB of shared memory, over an H200's 227, for 64 rows, rank 8 and 256 columns
+WIDE_STAGE_BYTES = 24 * 1024
 COL_BM, COL_BC = 64, 64
-FINISH_BLOCK = 1024
+FINISH_BLOCK = 256
 MIN_PROGRAMS = 528
 #: how many of the three launches run: less only to time the first ones alone (bench/profile/lora_fold_parts.py)
 PASSES = 3
+#: the column pass's last program per column block writes the gradients (`_last_to_arrive`), not `_finish`:
+#: one launch fewer per call (96 a roberta-large-size step). Alone, in a graph of 50 calls, no faster than the
+#: launch apart (lora_fold_parts_finish-h200-2026-11-30.json, `sepfinish`), but its finer splits are (above)
+FINISH_IN_COLS = True
 INTERPRET: tl.constexpr = tl.constexpr(_INTERPRET)
 
 
@@ -48,24 +66,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _row_pass(X, ACAT, G0, G1, G2, B0, B1, B2, XA, GB, M, K, N0, N1, N2, RSUM, R0, R1, R2, O1, O2,
-              RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """Job 0: XA[rows, :RSUM] = x A_cat^T; job 1 + i: GB[rows, O_i : O_i + R_i] = g_i B_i. A operand's element
-    (c, j) sits at c * sc + j * sj: A_cat is (RSUM, K), B_i is (N_i, R_i)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < M
-    job = tl.program_id(1)
-    if job == 0:
-        src, w, out, C, R, sc, sj, off = X, ACAT, XA, K, RSUM, 1, K, 0
-    elif job == 1:
-        src, w, out, C, R, sc, sj, off = G0, B0, GB, N0, R0, R0, 1, 0
-    elif job == 2:
-        src, w, out, C, R, sc, sj, off = G1, B1, GB, N1, R1, R1, 1, O1
-    else:
-        src, w, out, C, R, sc, sj, off = G2, B2, GB, N2, R2, R2, 1, O2
+def _rows_times(src, w, rows, rmask, C, R, sc, sj, RP: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """src[rows, :C] w in fp32, w's element (c, j) at c * sc + j * sj, its columns from R on zeros."""
     jj = tl.arange(0, RP)
     jmask = jj < R
-    acc = tl.zeros([BM, RP], dtype=tl.float32)
+    acc = tl.zeros([rows.shape[0], RP], dtype=tl.float32)
     for c0 in range(0, C, BK):
         cols = c0 + tl.arange(0, BK)
         cmask = cols < C
@@ -73,28 +78,81 @@ def _row_pass(X, ACAT, G0, G1, G2, B0, B1, B2, XA, GB, M, K, N0, N1, N2, RSUM, R
                     other=0.0)
         b = tl.load(w + cols[:, None] * sc + jj[None, :] * sj, mask=cmask[:, None] & jmask[None, :], other=0.0)
         acc += _dot(a, b, IEEE)
-    if job == 0:  # all of XA's RP columns (A_cat's missing rows gave zeros), and zeros in GB's unused ones
-        tl.store(XA + rows[:, None].to(tl.int64) * RP + jj[None, :], acc.to(XA.dtype.element_ty),
-                 mask=rmask[:, None])
+    return acc
+
+
+@triton.jit
+def _store_cols(out, acc, rows, rmask, off, R, RP: tl.constexpr):
+    """out[rows, off : off + R] = acc[:, :R], out's rows RP wide."""
+    jj = tl.arange(0, RP)
+    tl.store(out + rows[:, None].to(tl.int64) * RP + (off + jj)[None, :], acc.to(out.dtype.element_ty),
+             mask=rmask[:, None] & (jj < R)[None, :])
+
+
+@triton.jit
+def _row_pass(X, ACAT, G0, G1, G2, B0, B1, B2, XA, GB, M, K, N0, N1, N2, RSUM, R0, R1, R2, O1, O2,
+              RP: tl.constexpr, BM: tl.constexpr, BKX: tl.constexpr, BKG: tl.constexpr, IEEE: tl.constexpr):
+    """Job 0: XA[rows, :RP] = x A_cat^T (A_cat is (RSUM, K), so columns from RSUM on are zeros); job 1 + i:
+    GB[rows, O_i : O_i + R_i] = g_i B_i (B_i is (N_i, R_i)). Each job's pointers and strides go straight to its
+    loop (`_rows_times`): selected at run time into one loop, as an earlier version did, they cost the loads
+    their known alignment, it seems, and the pass ran at half the speed (4,096 x 4,096 -> 1,024 at rank 8: 25.4
+    against 13.8 us; q, k and v at roberta-large size 21.4 against 16.4; lora_fold_parts-h200-2026-11-30.json's
+    `rows_only_select` cases in the run of lora_fold_parts_direct-h200-2026-11-30.json)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    job = tl.program_id(1)
+    if job == 0:  # all of XA's RP columns (A_cat's missing rows give zeros), and zeros in GB's unused ones
+        _store_cols(XA, _rows_times(X, ACAT, rows, rmask, K, RSUM, 1, K, RP, BKX, IEEE), rows, rmask, 0, RP, RP)
+        jj = tl.arange(0, RP)
         tl.store(GB + rows[:, None].to(tl.int64) * RP + jj[None, :], tl.zeros([BM, RP], dtype=GB.dtype.element_ty),
                  mask=rmask[:, None] & (jj >= RSUM)[None, :])
+    elif job == 1:
+        _store_cols(GB, _rows_times(G0, B0, rows, rmask, N0, R0, R0, 1, RP, BKG, IEEE), rows, rmask, 0, R0, RP)
+    elif job == 2:
+        _store_cols(GB, _rows_times(G1, B1, rows, rmask, N1, R1, R1, 1, RP, BKG, IEEE), rows, rmask, O1, R1, RP)
     else:
-        tl.store(out + rows[:, None].to(tl.int64) * RP + (off + jj)[None, :], acc.to(out.dtype.element_ty),
-                 mask=rmask[:, None] & jmask[None, :])
+        _store_cols(GB, _rows_times(G2, B2, rows, rmask, N2, R2, R2, 1, RP, BKG, IEEE), rows, rmask, O2, R2, RP)
+
+
+@triton.jit
+def _sum_splits(P, offs, mask, SPLITS, TOTAL):
+    """Σ over the splits' partial sums at `offs` (past L1, which another SM's stores do not reach)."""
+    total = tl.zeros(offs.shape, dtype=tl.float32)
+    for i in range(0, SPLITS):
+        total += tl.load(P + i * TOTAL + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _last_to_arrive(CNT, cb, SPLITS):
+    """Whether this program is the last of column block cb's SPLITS to have stored its partial sums: a ticket
+    from the block's counter, taken after a barrier (every thread's stores before it, as split-K's serial
+    reductions do), with acquire-release ordering; the last one resets the counter for the next call."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT + cb, 1, sem="acq_rel")
+    last = ticket == SPLITS - 1
+    if last:
+        tl.atomic_xchg(CNT + cb, 0)
+    return last
 
 
 @triton.jit
 def _col_pass(X, XA, GB, G0, G1, G2, P, M, K, N0, N1, N2, rows_per, NA, NB0, NB1, TOTAL, BASE0, BASE1, BASE2,
-              RP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr):
+              CNT, SPLITS, GA, GB0, GB1, GB2, RSUM, R0, R1, R2, O1, O2, S0, S1, S2,
+              RP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, IEEE: tl.constexpr, FINISH: tl.constexpr):
     """Column block cb over this split's rows, into P[split]: cb < NA: P[j * K + c] = Σ_m GB[m, j] x[m, c] (dA's,
-    all RP rows); else for g_i's columns: P[BASE_i + c * RP + j] = Σ_m g_i[m, c] XA[m, j] (dB's).
+    all RP rows); else for g_i's columns: P[BASE_i + c * RP + j] = Σ_m g_i[m, c] XA[m, j] (dB's). With FINISH,
+    the block's last split to finish (`_last_to_arrive`) adds up all the splits' sums, scales them and writes
+    the gradients, which `_finish` does otherwise in a launch of its own.
 
     The two branches are the same reduction on purpose: merged into one loop over a selected pointer and stride
     (either operand order), q, k and v took 46.8 or 47.4 us against 35.5 us for these two (bench/profile/
     lora_fold_parts.py on an H200: lora_fold_parts-h200-2026-11-30.json for this version,
     lora_fold_parts_merged_colpass_*-h200-2026-11-30.json for the merged ones). Why was not established; a
     likely cause is x's loads losing what the compiler knows of their pointer and stride (alignment) once they
-    are selected at run time."""
+    are selected at run time. Yet the dB branch's own run-time choice of g (one of three) stays: each g in its own
+    branch with a loop of its own, as `_row_pass` has them, was slower by 1 to 3 us at every shape (the
+    `rows_cols` cases of lora_fold_parts_direct-h200-2026-11-30.json, less their `rows_only`)."""
     cb = tl.program_id(0)
     split = tl.program_id(1)
     start = split * rows_per
@@ -112,15 +170,22 @@ def _col_pass(X, XA, GB, G0, G1, G2, P, M, K, N0, N1, N2, rows_per, NA, NB0, NB1
             x = tl.load(X + rows[:, None].to(tl.int64) * K + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                         other=0.0)
             acc_a += _dot(tl.trans(gb), x, IEEE)
-        tl.store(part + jj[:, None] * K + cols[None, :], acc_a, mask=cmask[None, :])
+        offs_a = jj[:, None] * K + cols[None, :]
+        tl.store(part + offs_a, acc_a, mask=cmask[None, :])
+        if FINISH:
+            if _last_to_arrive(CNT, cb, SPLITS):
+                sum_a = _sum_splits(P, offs_a, cmask[None, :], SPLITS, TOTAL)
+                scale = tl.where(jj < O1, S0, tl.where(jj < O2, S1, S2))  # A_cat's rows: linear 0's, 1's, 2's
+                tl.store(GA + offs_a, (sum_a * scale[:, None]).to(GA.dtype.element_ty),
+                         mask=(jj < RSUM)[:, None] & cmask[None, :])
     else:
         c = cb - NA
         if c < NB0:
-            g, N, base = G0, N0, BASE0
+            g, N, base, out, R, off, s = G0, N0, BASE0, GB0, R0, 0, S0
         elif c < NB0 + NB1:
-            g, N, base, c = G1, N1, BASE1, c - NB0
+            g, N, base, out, R, off, s, c = G1, N1, BASE1, GB1, R1, O1, S1, c - NB0
         else:
-            g, N, base, c = G2, N2, BASE2, c - NB0 - NB1
+            g, N, base, out, R, off, s, c = G2, N2, BASE2, GB2, R2, O2, S2, c - NB0 - NB1
         cols = c * BC + tl.arange(0, BC)
         cmask = cols < N
         acc_b = tl.zeros([BC, RP], dtype=tl.float32)
@@ -131,7 +196,14 @@ def _col_pass(X, XA, GB, G0, G1, G2, P, M, K, N0, N1, N2, rows_per, NA, NB0, NB1
                          other=0.0)
             xa = tl.load(XA + rows[:, None].to(tl.int64) * RP + jj[None, :], mask=rmask[:, None], other=0.0)
             acc_b += _dot(tl.trans(gt), xa, IEEE)
-        tl.store(part + base + cols[:, None] * RP + jj[None, :], acc_b, mask=cmask[:, None])
+        offs_b = base + cols[:, None] * RP + jj[None, :]
+        tl.store(part + offs_b, acc_b, mask=cmask[:, None])
+        if FINISH:
+            if _last_to_arrive(CNT, cb, SPLITS):
+                sum_b = _sum_splits(P, offs_b, cmask[:, None], SPLITS, TOTAL)
+                j = jj - off
+                tl.store(out + cols[:, None] * R + j[None, :], (sum_b * s).to(out.dtype.element_ty),
+                         mask=cmask[:, None] & ((j >= 0) & (j < R))[None, :])
 
 
 @triton.jit
@@ -141,9 +213,7 @@ def _finish(P, GA, GB0, GB1, GB2, SPLITS, TOTAL, K, RSUM, N0, N1, N2, R0, R1, R2
     BE, so a program never straddles two)."""
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     first = tl.program_id(0) * BE
-    total = tl.zeros([BE], dtype=tl.float32)
-    for i in range(0, SPLITS):
-        total += tl.load(P + i * TOTAL + e, mask=e < TOTAL, other=0.0)
+    total = _sum_splits(P, e, e < TOTAL, SPLITS, TOTAL)
     if first < BASE0:  # dA's: (RP, K) partials into A_cat's (RSUM, K) gradient
         j = e // K
         ok = (j < RSUM) & (e < RP * K)
@@ -170,6 +240,23 @@ def supported(x2: torch.Tensor, grads: Sequence[torch.Tensor | None], As: Sequen
     return ((x2.is_cuda or _INTERPRET) and len(As) <= MAX_LINEARS and sum(A.shape[0] for A in As) <= MAX_RANKS
             and x2.shape[0] > 0 and all(g is not None for g in grads)
             and x2.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+#: (device, stream) -> the column pass's counters, all zero between calls (each call's last programs reset
+#: theirs); calls on one stream never overlap, so one set per stream serves them all
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(dev: torch.device, blocks: int) -> torch.Tensor | None:
+    """Zeroed int32 counters for `blocks` column blocks on this stream, or None inside a CUDA-graph capture that
+    would have to allocate them (a capture must not; `_finish` then runs as its own launch)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    have = _COUNTERS.get((dev, stream))
+    if have is None or have.numel() < blocks:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        have = _COUNTERS[(dev, stream)] = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=dev)
+    return have
 
 
 def _round_up(n: int, m: int) -> int:
@@ -201,8 +288,16 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
 
     xa = torch.empty(m, rp, dtype=dtype, device=dev)
     gb = torch.empty(m, rp, dtype=dtype, device=dev)
-    _row_pass[(triton.cdiv(m, ROW_BM), 1 + n)](
-        x2, a_cat, *gp, *bp, xa, gb, m, k, *np_, rsum, *rr, oo[1], oo[2], RP=rp, BM=ROW_BM, BK=ROW_BK, IEEE=ieee)
+    bm = ROW_BM_QKV if n == 3 else ROW_BM
+    wide = (bm + rp) * WIDE_BK * x2.element_size() <= WIDE_STAGE_BYTES
+    bkx, bkg = (WIDE_BK if wide and c >= ROW_WIDE else ROW_BK for c in (k, max(ns)))
+    row_args = (x2, a_cat, *gp, *bp, xa, gb, m, k, *np_, rsum, *rr, oo[1], oo[2])
+    try:
+        _row_pass[(triton.cdiv(m, bm), 1 + n)](*row_args, RP=rp, BM=bm, BKX=bkx, BKG=bkg, IEEE=ieee)
+    except triton.runtime.errors.OutOfResources:  # another Triton pipelines deeper: the narrow steps fit
+        if (bkx, bkg) == (ROW_BK, ROW_BK):
+            raise
+        _row_pass[(triton.cdiv(m, bm), 1 + n)](*row_args, RP=rp, BM=bm, BKX=ROW_BK, BKG=ROW_BK, IEEE=ieee)
 
     if PASSES == 1:
         return [], []
@@ -218,14 +313,17 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
     bases = pad(bases, total)
     partial = torch.empty(split, total, dtype=torch.float32, device=dev)
     nbp = pad(nbs, 0)
-    _col_pass[(blocks, split)](x2, xa, gb, *gp, partial, m, k, *np_, rows_per, na, nbp[0], nbp[1], total, *bases,
-                               RP=rp, BM=COL_BM, BC=COL_BC, IEEE=ieee)
-
-    if PASSES == 2:
-        return [], []
     ga = torch.empty(rsum, k, dtype=dtype, device=dev)
     dbs = [torch.empty(c, r, dtype=dtype, device=dev) for c, r in zip(ns, ranks, strict=True)]
-    _finish[(total // FINISH_BLOCK,)](partial, ga, *pad(dbs, dbs[0]), split, total, k, rsum, *np_, *rr,
-                                      oo[1], oo[2], *pad([float(s) for s in scalings], 0.0), *bases, RP=rp,
-                                      BE=FINISH_BLOCK)
+    sc = pad([float(s) for s in scalings], 0.0)
+    counters = _counters(dev, blocks) if FINISH_IN_COLS and PASSES == 3 and split > 1 else None
+    _col_pass[(blocks, split)](x2, xa, gb, *gp, partial, m, k, *np_, rows_per, na, nbp[0], nbp[1], total, *bases,
+                               partial if counters is None else counters, split, ga, *pad(dbs, dbs[0]), rsum, *rr,
+                               oo[1], oo[2], *sc, RP=rp, BM=COL_BM, BC=COL_BC, IEEE=ieee,
+                               FINISH=counters is not None)
+    if PASSES == 2:
+        return [], []
+    if counters is None:
+        _finish[(total // FINISH_BLOCK,)](partial, ga, *pad(dbs, dbs[0]), split, total, k, rsum, *np_, *rr,
+                                          oo[1], oo[2], *sc, *bases, RP=rp, BE=FINISH_BLOCK)
     return list(ga.split(ranks, 0)), dbs

@@ -78,11 +78,15 @@ def time_cases(bench: str, doc: str, cases: Callable[[], dict[str, Callable[[], 
     """A parts profile's command line: each case timed in a graph and printed, then DIR/<bench>-<device>-<date>.json."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--only", default="", help="comma-separated substrings: time only the cases naming one")
     args = ap.parse_args()
+    only = [s for s in args.only.split(",") if s]
     if not torch.cuda.is_available():
         sys.exit(f"{bench}.py times CUDA graphs: it needs a CUDA GPU")
     rows = []
     for name, fn in cases().items():
+        if only and not any(s in name for s in only):
+            continue
         us = graphed_us(fn, reps=reps)
         rows.append({"case": name, "us_per_call": us})
         print(f"{name:36s} {us:8.2f} us", flush=True)

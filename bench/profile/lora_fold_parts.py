@@ -16,7 +16,8 @@ reduces. Cases:
   against the three Triton launches of `kernels.lowrank_grads`; also for q, k and v on one input (`*_qkv_*`);
   `_grads_lowrank_<knob>` with one of its tiles or splits changed, `_rows_only` / `_rows_cols` its first one or
   two launches alone;
-- `<shape>_fold_tc_*`: the fold with B A on the tensor cores.
+- `<shape>_fold_tc_*`: the fold with B A on the tensor cores;
+- `*_qkv_fold_each` against `*_qkv_fold_grouped`: q's, k's and v's folds, a launch each or one for the three.
 
     python bench/profile/lora_fold_parts.py --out DIR      # CUDA only; writes DIR/lora_fold_parts-<device>-<date>.json
 """
@@ -43,14 +44,14 @@ SHAPES = {"rb_1024x1024": (4096, 1024, 1024), "rb_1024to4096": (4096, 1024, 4096
           "ll_5632to2048": (8192, 5632, 2048)}
 #: q, k, v groups: (rows, in features, the three out features)
 GROUPS = {"rb_qkv": (4096, 1024, [1024, 1024, 1024]), "ll_qkv": (8192, 2048, [2048, 256, 256])}
-TILES = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8), (32, 256, 4), (64, 256, 4),
-         (64, 256, 8), (128, 256, 8), (256, 128, 8)]
+#: the fold's tiles timed (ten were swept in lora_fold_parts_knobs-h200-2026-11-30.json; these were the fastest)
+TILES = [(64, 64, 4), (32, 256, 4), (128, 128, 8)]
 
 
 #: lowrank_grads's tiles and splits, set for a case (module attributes read at each call)
 LOWRANK_KNOBS = {"rows_only": {"PASSES": 1}, "rows_cols": {"PASSES": 2}, "rowbm64": {"ROW_BM": 64},
-                 "rowbm16": {"ROW_BM": 16}, "colbc128": {"COL_BC": 128}, "colbc32": {"COL_BC": 32},
-                 "min1056": {"MIN_PROGRAMS": 1056}, "min264": {"MIN_PROGRAMS": 264}, "colbm32": {"COL_BM": 32}}
+                 "qkvbm32": {"ROW_BM_QKV": 32}, "widebk128": {"WIDE_BK": 128}, "fin1024": {"FINISH_BLOCK": 1024},
+                 "min264": {"MIN_PROGRAMS": 264}, "sepfinish": {"FINISH_IN_COLS": False}, "rowbm16": {"ROW_BM": 16}}
 
 
 def _with(knobs: dict[str, int], fn: Callable[[], object]) -> object:
@@ -110,6 +111,14 @@ def cases() -> dict[str, Callable[[], object]]:
                 xd, dict(enumerate(gs)), As, Bs, [SCALING] * 3, [True] * 3, [True] * 3)
             out[f"{name}_grads_lowrank"] = lambda xd=xd, gs=gs, As=As, Bs=Bs: lowrank_grads.lowrank_grads(
                 xd, gs, As, Bs, [SCALING] * 3)
+            ws = [torch.randn(n, k, device=dev, dtype=bf16) * k**-0.5 for n in ns]
+            out[f"{name}_fold_each"] = lambda ws=ws, As=As, Bs=Bs: [
+                lora_fold.fold_weight(w, A, B, SCALING, bf16) for w, A, B in zip(ws, As, Bs, strict=True)]
+            out[f"{name}_fold_grouped"] = lambda ws=ws, As=As, Bs=Bs: lora_fold.fold_weights(
+                ws, As, Bs, [SCALING] * 3, bf16)
+            for label, knobs in LOWRANK_KNOBS.items():
+                out[f"{name}_grads_lowrank_{label}"] = lambda xd=xd, gs=gs, As=As, Bs=Bs, kn=knobs: _with(
+                    kn, lambda: lowrank_grads.lowrank_grads(xd, gs, As, Bs, [SCALING] * 3))
     return out
 
 

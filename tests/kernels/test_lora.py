@@ -66,9 +66,9 @@ def test_lora_linear_dropout(seed: int) -> None:
     x = act(3, 13, 48, dtype=torch.float32)
     w, b = frozen(40, 48, dtype=torch.float32), frozen(40, dtype=torch.float32)
     A, B = param(4, 48), param(40, 4)
-    state = torch.get_rng_state()
+    torch.manual_seed(seed)  # every device's generator: the mask is drawn on x's (set_rng_state is the CPU's)
     y = kernels.lora_linear(x, w, b, A, B, s, dropout=p, training=True)
-    torch.set_rng_state(state)
+    torch.manual_seed(seed)
     mask = torch.empty(39, 48).bernoulli_(1 - p).bool().reshape(x.shape)
     xr, Ar, Br = (t.detach().double().requires_grad_(True) for t in (x, A, B))
     yr = xr @ w.double().t() + b.double() + s * ((xr * mask / (1 - p)) @ Ar.t()) @ Br.t()
@@ -122,3 +122,20 @@ def test_folded_lora_with_dropout_is_the_reference(seed: int) -> None:
     assert not lora_fold.supported(torch.float32, [w], 0.5)
     assert lora_fold.supported(torch.float32, [w], 0.0)
     assert not lora_fold.supported(torch.float32, [w.clone().requires_grad_(True)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fold_weights_of_unequal_heights_in_one_launch(dtype: torch.dtype, seed: int) -> None:
+    """q, k and v folded in one launch (`lora_fold.fold_weights`): heights over several row blocks and under one
+    (GQA's k and v), whose surplus blocks return at once; each its own rank and scaling."""
+    from autopeft.kernels import lora_fold
+
+    K, heights, ranks, scalings = 40, [150, 20, 70], [4, 2, 8], [2.0, 0.5, 1.0]
+    ws = [frozen(n, K, dtype=dtype, scale=K**-0.5) for n in heights]
+    As = [param(r, K, scale=K**-0.5).detach().to(dtype) for r in ranks]
+    Bs = [param(n, r).detach().to(dtype) for n, r in zip(heights, ranks)]
+    got = lora_fold.fold_weights(ws, As, Bs, scalings, dtype, tiles=(64, 64, 4))
+    for g, w, A, B, s in zip(got, ws, As, Bs, scalings):
+        ref = w.double() + s * B.double() @ A.double()
+        assert g.shape == w.shape and g.dtype == dtype
+        assert rel_err(g, ref) <= (1e-2 if dtype == torch.bfloat16 else 1e-5), seed

@@ -35,6 +35,8 @@ def _case(m: int, k: int, ns: list[int], ranks: list[int], scalings: list[float]
     (129, 64, [17, 70], [8, 2], [1.0, 3.0]),  # two linears, unequal ranks and scalings
     (33, 16, [130], [16], [1.5]),  # one rank tile filled exactly, many output columns
     (97, 72, [40, 8, 56], [24, 24, 16], [0.25, 2.0, 1.0]),  # the largest stack of ranks taken (64)
+    (21, 4100, [24], [3], [1.0]),  # x wider than ROW_WIDE: the row pass's wide steps, a partial last one
+    (70, 40, [4099, 8, 8], [2, 4, 8], [1.0, 0.5, 2.0]),  # a g wider than ROW_WIDE, three linears' row blocks
 ])
 def test_matches_the_formulas(m: int, k: int, ns: list[int], ranks: list[int], scalings: list[float],
                               dtype: torch.dtype) -> None:
@@ -52,3 +54,45 @@ def test_outside_its_limits_it_declines() -> None:
     assert not lowrank_grads.supported(x, [g], [torch.randn(lowrank_grads.MAX_RANKS + 1, 16)])
     assert not lowrank_grads.supported(x, [g, None], [A, A])
     assert not lowrank_grads.supported(x[:0], [g[:0]], [A])  # no rows: nothing to launch over
+
+
+def test_wide_steps_that_do_not_fit_fall_back_to_narrow_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another Triton may pipeline the row pass's wide steps into more shared memory than the GPU has (its
+    launch raises OutOfResources): the narrow steps run instead, to the same gradients."""
+    import triton
+
+    real = lowrank_grads._row_pass
+    tried = []
+
+    class Tight:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tried.append((meta["BKX"], meta["BKG"]))
+                if lowrank_grads.WIDE_BK in tried[-1]:
+                    raise triton.runtime.errors.OutOfResources(240 * 1024, 227 * 1024, "shared memory")
+                return real[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(lowrank_grads, "_row_pass", Tight())
+    _case(21, 4100, [24], [3], [1.0], torch.bfloat16)
+    assert tried == [(lowrank_grads.WIDE_BK, lowrank_grads.ROW_BK), (lowrank_grads.ROW_BK, lowrank_grads.ROW_BK)]
+
+
+def test_finishing_in_the_column_pass_matches_the_finish_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The column pass's last program per column block writes the gradients (`FINISH_IN_COLS`): bitwise what
+    the separate `_finish` launch writes (the same sums in the same order), and it leaves every counter at zero
+    for the next call, which must come out the same again."""
+    m, k, ns, ranks = 200, 130, [20, 70, 8], [4, 2, 8]
+    x = torch.randn(m, k).to(torch.bfloat16)
+    gs = [torch.randn(m, n).to(torch.bfloat16) for n in ns]
+    As = [torch.randn(r, k).to(torch.bfloat16) for r in ranks]
+    Bs = [torch.randn(n, r).to(torch.bfloat16) for n, r in zip(ns, ranks, strict=True)]
+    lowrank_grads._COUNTERS.clear()
+    fused = [lowrank_grads.lowrank_grads(x, gs, As, Bs, [0.5, 1.0, 2.0]) for _ in range(2)]
+    (counters,) = lowrank_grads._COUNTERS.values()
+    assert not counters.any()
+    monkeypatch.setattr(lowrank_grads, "FINISH_IN_COLS", False)
+    apart = lowrank_grads.lowrank_grads(x, gs, As, Bs, [0.5, 1.0, 2.0])
+    for got in fused:
+        for a, b in zip(got[0] + got[1], apart[0] + apart[1], strict=True):
+            assert torch.equal(a, b)

@@ -141,3 +141,45 @@ def test_the_gpu_check_script_finds_no_difference_on_cpu(monkeypatch: pytest.Mon
     assert main() == 0
     out = capsys.readouterr().out
     assert "largest relative error: 0.00e+00" in out and ("autopeft_prefix" in out)
+
+
+def _adds(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[int, ...]]:
+    """The shapes aten::add_ ran on in one forward + backward that accumulates into `.grad`."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        out.float().square().sum().backward()
+    return [tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::add_" and e.input_shapes]
+
+
+def test_shared_gradients_add_in_one_go_to_the_same_numbers() -> None:
+    """`.grad`s made by `share_gradients` (a graphed step's static gradients): the cast's backward adds every
+    adapter gradient into their one buffer in one add, not one per parameter, and they come out as autograd's
+    own, accumulating over steps; set to None, autograd makes them as before."""
+    model = _bf16_model(SPEC)
+    params = [p for p in model.parameters() if p.requires_grad]
+    adapters = [p for p in params if p.dtype == torch.float32]
+    assert len(adapters) > 10 and len(adapters) < len(params)  # the bf16 head stays outside the buffer
+    ids = torch.randint(5, 1000, (3, 7), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().square().sum().backward()
+    ref = [p.grad.clone() for p in adapters]
+
+    for p in params:
+        p.grad = None
+    buf = casts.share_gradients(adapters)
+    grads = [p.grad for p in adapters]
+    assert all(g._base is buf for g in grads)
+    adds = _adds(model, ids)
+    sizes = {tuple(p.shape) for p in adapters}
+    assert not [s for s in adds if s in sizes] and adds.count(tuple(buf.shape)) == 1
+    assert all(p.grad is g for p, g in zip(adapters, grads, strict=True))
+    for p, r in zip(adapters, ref, strict=True):
+        assert torch.equal(p.grad, r)
+    _adds(model, ids)  # a second step accumulates, as into any .grad
+    for p, r in zip(adapters, ref, strict=True):
+        assert torch.equal(p.grad, 2 * r)
+
+    for p in params:
+        p.grad = None
+    assert [s for s in _adds(model, ids) if s in sizes] == []  # fresh .grads: autograd's own, no add
+    for p, r in zip(adapters, ref, strict=True):
+        assert p.grad._base is not buf and torch.equal(p.grad, r)
