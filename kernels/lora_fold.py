@@ -99,15 +99,13 @@ def fold_weights(ws: Sequence[torch.Tensor], As: Sequence[torch.Tensor], Bs: Seq
           and As[0].dtype in (torch.bfloat16, torch.float16) and not INTERPRET)
     outs = [torch.empty(w.shape[0], k, dtype=dtype, device=w.device) for w in ws]
 
-    def pad(seq: Sequence, fill: object) -> list:  # the kernel takes three of each; the rest never read
-        return list(seq) + [fill] * (3 - n)
-
     ns = [w.shape[0] for w in ws]
     ranks = [A.shape[0] for A in As]
     grid = (triton.cdiv(max(ns), bn), triton.cdiv(k, bk), n)
-    _fold_weights[grid](*pad([w.contiguous() for w in ws], ws[0]), *pad([A.contiguous() for A in As], As[0]),
-                        *pad([B.contiguous() for B in Bs], Bs[0]), *pad(outs, outs[0]), *pad(ns, 0), k,
-                        *pad(ranks, 0), *pad([float(s) for s in scalings], 0.0),
+    slots = lowrank_grads.slots
+    _fold_weights[grid](*slots([w.contiguous() for w in ws], ws[0]), *slots([A.contiguous() for A in As], As[0]),
+                        *slots([B.contiguous() for B in Bs], Bs[0]), *slots(outs, outs[0]), *slots(ns, 0), k,
+                        *slots(ranks, 0), *slots([float(s) for s in scalings], 0.0),
                         RP=max(16, triton.next_power_of_2(max(ranks))), BN=bn, BK=bk, TC=tc, num_warps=warps)
     return outs
 
@@ -134,7 +132,7 @@ class _FoldedLora(torch.autograd.Function):
         n = len(scalings)
         ws, bs, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
         x2 = x.reshape(-1, x.shape[-1])
-        folds = fold_weights(ws, As, Bs, scalings, x.dtype) if n <= 3 else [
+        folds = fold_weights(ws, As, Bs, scalings, x.dtype) if n <= lowrank_grads.MAX_LINEARS else [
             fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
         ys = [F.linear(x2, wf, None if b is None else b.to(x.dtype)) for wf, b in zip(folds, bs, strict=True)]
         ctx.save_for_backward(x2, *folds, *As, *Bs)

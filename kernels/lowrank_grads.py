@@ -259,6 +259,12 @@ def _counters(dev: torch.device, blocks: int) -> torch.Tensor | None:
     return have
 
 
+def slots(seq: Sequence, fill: object) -> list:
+    """`seq` filled up to MAX_LINEARS entries with `fill`: these kernels and `lora_fold._fold_weights` take that
+    many of each argument and read only the first len(seq)."""
+    return list(seq) + [fill] * (MAX_LINEARS - len(seq))
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -281,10 +287,7 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
     a_cat = (As[0] if n == 1 else torch.cat(list(As), 0)).contiguous()
     Bs = [B.contiguous() for B in Bs]
 
-    def pad(seq: Sequence, fill: object) -> list:  # the kernels take MAX_LINEARS of each; the rest never read
-        return list(seq) + [fill] * (MAX_LINEARS - n)
-
-    gp, bp, np_, rr, oo = pad(gs, gs[0]), pad(Bs, Bs[0]), pad(ns, 0), pad(ranks, 0), pad(offs, rsum)
+    gp, bp, np_, rr, oo = slots(gs, gs[0]), slots(Bs, Bs[0]), slots(ns, 0), slots(ranks, 0), slots(offs, rsum)
 
     xa = torch.empty(m, rp, dtype=dtype, device=dev)
     gb = torch.empty(m, rp, dtype=dtype, device=dev)
@@ -310,20 +313,21 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
         bases.append(at)
         at += _round_up(c * rp, FINISH_BLOCK)
     total = at
-    bases = pad(bases, total)
+    bases = slots(bases, total)
     partial = torch.empty(split, total, dtype=torch.float32, device=dev)
-    nbp = pad(nbs, 0)
+    nbp = slots(nbs, 0)
     ga = torch.empty(rsum, k, dtype=dtype, device=dev)
     dbs = [torch.empty(c, r, dtype=dtype, device=dev) for c, r in zip(ns, ranks, strict=True)]
-    sc = pad([float(s) for s in scalings], 0.0)
-    counters = _counters(dev, blocks) if FINISH_IN_COLS and PASSES == 3 and split > 1 else None
+    sc = slots([float(s) for s in scalings], 0.0)
+    dbp = slots(dbs, dbs[0])
+    counters = _counters(dev, blocks) if FINISH_IN_COLS and PASSES == 3 else None
     _col_pass[(blocks, split)](x2, xa, gb, *gp, partial, m, k, *np_, rows_per, na, nbp[0], nbp[1], total, *bases,
-                               partial if counters is None else counters, split, ga, *pad(dbs, dbs[0]), rsum, *rr,
+                               partial if counters is None else counters, split, ga, *dbp, rsum, *rr,
                                oo[1], oo[2], *sc, RP=rp, BM=COL_BM, BC=COL_BC, IEEE=ieee,
                                FINISH=counters is not None)
     if PASSES == 2:
         return [], []
     if counters is None:
-        _finish[(total // FINISH_BLOCK,)](partial, ga, *pad(dbs, dbs[0]), split, total, k, rsum, *np_, *rr,
+        _finish[(total // FINISH_BLOCK,)](partial, ga, *dbp, split, total, k, rsum, *np_, *rr,
                                           oo[1], oo[2], *sc, *bases, RP=rp, BE=FINISH_BLOCK)
     return list(ga.split(ranks, 0)), dbs
