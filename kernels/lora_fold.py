@@ -46,16 +46,21 @@ FOLD_TENSOR_CORES = True
 
 
 @triton.jit
-def _fold_tile(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
+def _fold_tile(W, A, B, WO, BT, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               TC: tl.constexpr, WRITE_BT: tl.constexpr):
     """W' = W + s B A over one (BN, BK) tile: W read once and W' written once, B's (BN, r) and A's (r, BK) tiles
     multiplied in one fp32 `tl.dot` (r padded to RP >= 16 with zeros), where `torch.addmm(W, B, A)` first copies W and
-    then reads and writes it again."""
+    then reads and writes it again. WRITE_BT: the first column of tiles also writes B^T (r, N), which
+    `lowrank_grads`'s row pass reads faster than B, for the cost of an (r, N) store."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     ranks = tl.arange(0, RP)
     rmask, cmask, kmask = rows < N, cols < K, ranks < R
     b = tl.load(B + rows[:, None] * R + ranks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     a = tl.load(A + ranks[:, None] * K + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+    if WRITE_BT:
+        if tl.program_id(1) == 0:
+            tl.store(BT + ranks[None, :] * N + rows[:, None], b, mask=rmask[:, None] & kmask[None, :])
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     if TC:  # bf16/fp16 operands on the tensor cores: their products are exact in the fp32 accumulator
@@ -67,29 +72,32 @@ def _fold_tile(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: 
 
 
 @triton.jit
-def _fold_weights(W0, W1, W2, A0, A1, A2, B0, B1, B2, WO0, WO1, WO2, N0, N1, N2, K, R0, R1, R2, S0, S1, S2,
-                  RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
+def _fold_weights(W0, W1, W2, A0, A1, A2, B0, B1, B2, WO0, WO1, WO2, BT0, BT1, BT2, N0, N1, N2, K, R0, R1, R2,
+                  S0, S1, S2, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr,
+                  WRITE_BT: tl.constexpr):
     """Up to three folds on one input (q, k, v) in one launch, the third grid axis picking the weight; each
     weight's pointers go straight to its tile (`_fold_tile`), none selected at run time (see
     lowrank_grads._row_pass), and a narrower weight's surplus row blocks (GQA's k and v) return at once."""
     i = tl.program_id(2)
     first = tl.program_id(0) * BN
     if i == 0:
-        _fold_tile(W0, A0, B0, WO0, N0, K, R0, S0, RP, BN, BK, TC)
+        _fold_tile(W0, A0, B0, WO0, BT0, N0, K, R0, S0, RP, BN, BK, TC, WRITE_BT)
     elif i == 1:
         if first < N1:
-            _fold_tile(W1, A1, B1, WO1, N1, K, R1, S1, RP, BN, BK, TC)
+            _fold_tile(W1, A1, B1, WO1, BT1, N1, K, R1, S1, RP, BN, BK, TC, WRITE_BT)
     elif first < N2:
-        _fold_tile(W2, A2, B2, WO2, N2, K, R2, S2, RP, BN, BK, TC)
+        _fold_tile(W2, A2, B2, WO2, BT2, N2, K, R2, S2, RP, BN, BK, TC, WRITE_BT)
 
 
 def fold_weights(ws: Sequence[torch.Tensor], As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
                  scalings: Sequence[float], dtype: torch.dtype, *, tiles: tuple[int, int, int] = FOLD_TILES,
-                 tensor_cores: bool | None = None) -> list[torch.Tensor]:
+                 tensor_cores: bool | None = None, transposed_Bs: list[torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
     """W_i + scaling_i * B_i @ A_i in `dtype` for up to three weights of one input width, one launch (one a
     linear before: 144 folds a roberta-large-size step, where 96 do with q, k and v together). `tiles` (rows,
     columns, warps) and `tensor_cores` (B A on the tensor cores, default where A and B are bf16 or fp16) are
-    parameters so bench/profile/lora_fold_parts.py can time the choices."""
+    parameters so bench/profile/lora_fold_parts.py can time the choices. Given a list, `transposed_Bs` gets each
+    B_i^T, contiguous, made in the same launch."""
     n = len(ws)
     k = ws[0].shape[1]
     bn, bk, warps = tiles
@@ -98,15 +106,20 @@ def fold_weights(ws: Sequence[torch.Tensor], As: Sequence[torch.Tensor], Bs: Seq
     tc = (tensor_cores and all(A.dtype == B.dtype == As[0].dtype for A, B in zip(As, Bs, strict=True))
           and As[0].dtype in (torch.bfloat16, torch.float16) and not INTERPRET)
     outs = [torch.empty(w.shape[0], k, dtype=dtype, device=w.device) for w in ws]
+    bts = [] if transposed_Bs is None else [torch.empty(B.shape[1], B.shape[0], dtype=B.dtype, device=B.device)
+                                             for B in Bs]
+    if transposed_Bs is not None:
+        transposed_Bs.extend(bts)
 
     ns = [w.shape[0] for w in ws]
     ranks = [A.shape[0] for A in As]
     grid = (triton.cdiv(max(ns), bn), triton.cdiv(k, bk), n)
     slots = lowrank_grads.slots
     _fold_weights[grid](*slots([w.contiguous() for w in ws], ws[0]), *slots([A.contiguous() for A in As], As[0]),
-                        *slots([B.contiguous() for B in Bs], Bs[0]), *slots(outs, outs[0]), *slots(ns, 0), k,
-                        *slots(ranks, 0), *slots([float(s) for s in scalings], 0.0),
-                        RP=max(16, triton.next_power_of_2(max(ranks))), BN=bn, BK=bk, TC=tc, num_warps=warps)
+                        *slots([B.contiguous() for B in Bs], Bs[0]), *slots(outs, outs[0]),
+                        *slots(bts, outs[0]), *slots(ns, 0), k, *slots(ranks, 0),
+                        *slots([float(s) for s in scalings], 0.0), RP=max(16, triton.next_power_of_2(max(ranks))),
+                        BN=bn, BK=bk, TC=tc, WRITE_BT=bool(bts), num_warps=warps)
     return outs
 
 
@@ -124,7 +137,9 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, like: torch.Tenso
 
 class _FoldedLora(torch.autograd.Function):
     """n linears on one input x: y_i = x (W_i + s_i B_i A_i)^T + b_i. Arguments after x and the scalings: the n
-    weights, the n biases (None allowed), the n A's, the n B's, A's and B's already in x's dtype."""
+    weights, the n biases (None allowed), the n A's, the n B's, A's and B's already in x's dtype. Up to
+    MAX_LINEARS of them (one fold launch), the fold also writes each B^T, which the backward keeps instead of B
+    (the same bytes) for `lowrank_grads`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *params: torch.Tensor | None
@@ -132,10 +147,14 @@ class _FoldedLora(torch.autograd.Function):
         n = len(scalings)
         ws, bs, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
         x2 = x.reshape(-1, x.shape[-1])
-        folds = fold_weights(ws, As, Bs, scalings, x.dtype) if n <= lowrank_grads.MAX_LINEARS else [
-            fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
+        bts: list[torch.Tensor] = []
+        if n <= lowrank_grads.MAX_LINEARS:
+            folds = fold_weights(ws, As, Bs, scalings, x.dtype, transposed_Bs=bts)
+        else:
+            folds = [fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
         ys = [F.linear(x2, wf, None if b is None else b.to(x.dtype)) for wf, b in zip(folds, bs, strict=True)]
-        ctx.save_for_backward(x2, *folds, *As, *Bs)
+        ctx.save_for_backward(x2, *folds, *As, *(bts or Bs))  # the backward's B's are views of the B^T's
+        ctx.transposed = bool(bts)
         ctx.scalings, ctx.x_shape = scalings, x.shape
         ctx.bias_dtypes = [None if b is None else b.dtype for b in bs]
         ctx.set_materialize_grads(False)  # an output that did not reach the loss costs no zero-filled GEMMs
@@ -147,6 +166,9 @@ class _FoldedLora(torch.autograd.Function):
         n = len(scalings)
         x2, saved = ctx.saved_tensors[0], ctx.saved_tensors[1:]
         folds, As, Bs = saved[:n], saved[n:2 * n], saved[2 * n:]
+        Bts = Bs
+        if ctx.transposed:  # up to MAX_LINEARS, as `lowrank_grads` takes them
+            Bs = [bt.t() for bt in Bts]
         needs = ctx.needs_input_grad
         need_b = needs[2 + n:2 + 2 * n]
         need_A, need_B = needs[2 + 2 * n:2 + 3 * n], needs[2 + 3 * n:2 + 4 * n]
@@ -160,7 +182,7 @@ class _FoldedLora(torch.autograd.Function):
             if need_b[i] and ctx.bias_dtypes[i] is not None:  # BitFit trains the base bias alongside LoRA
                 gbias[i] = gs[i].sum(0, dtype=torch.float32).to(ctx.bias_dtypes[i])
         if FUSED_GRADS and all(need_A) and all(need_B) and lowrank_grads.supported(x2, grads, As):
-            gA, gB = lowrank_grads.lowrank_grads(x2, [gs[i] for i in range(n)], As, Bs, scalings)
+            gA, gB = lowrank_grads.lowrank_grads(x2, [gs[i] for i in range(n)], As, Bts, scalings)
         else:
             gA, gB = _cublas_grads(x2, gs, As, Bs, scalings, need_A, need_B)
         if gx is not None:

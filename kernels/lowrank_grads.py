@@ -6,8 +6,9 @@ own GEMMs, and what LoRA still adds is these four skinny products. As cuBLAS GEM
 rows and two split-K GEMMs, each with its reduce kernel: for q, k and v at roberta-large size (4,096 rows,
 1,024 features, rank 8) twelve kernels, about 47 us, where reading x and the three g twice takes about 15 us
 (bench/results/lora_fold_parts-h200-2026-11-30.json: x A^T 3.7 us, g B 4.8, each split-K GEMM 7.2). Here
-27 us (lora_fold_parts_finish-h200-2026-11-30.json):
-- `_row_pass`: one launch for x A^T of all the linears (A's stacked) and every g_i B_i, row blocks by job;
+22 us (`_grads_lowrank_bt` in lora_fold_parts_bt-h200-2026-11-30.json):
+- `_row_pass`: one launch for x A^T of all the linears (A's stacked) and every g_i B_i (read from B_i^T, which
+  `lora_fold.fold_weights` writes as it folds), row blocks by job;
 - `_col_pass`: one launch for every column of both reductions, dA's over x's columns and dB's over each g's,
   the rows split so at least MIN_PROGRAMS programs run, each writing fp32 partial sums; the last split of a
   column block to finish adds them up, scales them and casts them into the gradients (`FINISH_IN_COLS`;
@@ -66,8 +67,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _rows_times(src, w, rows, rmask, C, R, sc, sj, RP: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """src[rows, :C] w in fp32, w's element (c, j) at c * sc + j * sj, its columns from R on zeros."""
+def _rows_times(src, w, rows, rmask, C, R, sj, RP: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """src[rows, :C] w in fp32, w's element (c, j) at c + j * sj (an A or a B^T, rows of C), its columns from R
+    on zeros."""
     jj = tl.arange(0, RP)
     jmask = jj < R
     acc = tl.zeros([rows.shape[0], RP], dtype=tl.float32)
@@ -76,7 +78,7 @@ def _rows_times(src, w, rows, rmask, C, R, sc, sj, RP: tl.constexpr, BK: tl.cons
         cmask = cols < C
         a = tl.load(src + rows[:, None].to(tl.int64) * C + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0)
-        b = tl.load(w + cols[:, None] * sc + jj[None, :] * sj, mask=cmask[:, None] & jmask[None, :], other=0.0)
+        b = tl.load(w + cols[:, None] + jj[None, :] * sj, mask=cmask[:, None] & jmask[None, :], other=0.0)
         acc += _dot(a, b, IEEE)
     return acc
 
@@ -90,28 +92,32 @@ def _store_cols(out, acc, rows, rmask, off, R, RP: tl.constexpr):
 
 
 @triton.jit
-def _row_pass(X, ACAT, G0, G1, G2, B0, B1, B2, XA, GB, M, K, N0, N1, N2, RSUM, R0, R1, R2, O1, O2,
+def _row_pass(X, ACAT, G0, G1, G2, BT0, BT1, BT2, XA, GB, M, K, N0, N1, N2, RSUM, R0, R1, R2, O1, O2,
               RP: tl.constexpr, BM: tl.constexpr, BKX: tl.constexpr, BKG: tl.constexpr, IEEE: tl.constexpr):
     """Job 0: XA[rows, :RP] = x A_cat^T (A_cat is (RSUM, K), so columns from RSUM on are zeros); job 1 + i:
-    GB[rows, O_i : O_i + R_i] = g_i B_i (B_i is (N_i, R_i)). Each job's pointers and strides go straight to its
-    loop (`_rows_times`): selected at run time into one loop, as an earlier version did, they cost the loads
-    their known alignment, it seems, and the pass ran at half the speed (4,096 x 4,096 -> 1,024 at rank 8: 25.4
-    against 13.8 us; q, k and v at roberta-large size 21.4 against 16.4; lora_fold_parts-h200-2026-11-30.json's
-    `rows_only_select` cases in the run of lora_fold_parts_direct-h200-2026-11-30.json)."""
+    GB[rows, O_i : O_i + R_i] = g_i B_i, from B_i^T (R_i, N_i), which the fold writes (`lora_fold.fold_weights`).
+    Why B^T: read as B, (N_i, R_i), a run-time R_i apart, a tile's rows were loaded an element at a time (32
+    loads a thread a step over 256 columns), and the 4,096-wide g B at roberta-large size took 21.1 us where
+    x A^T over as wide an x took 11.4; read as B^T, as A is, 13.6 (rows only; lora_fold_parts_bt-h200-
+    2026-11-30.json). Each job's pointers and strides go straight to its loop (`_rows_times`): selected at run
+    time into one loop, as an earlier version did, they cost the loads their known alignment, it seems, and the
+    pass ran at half the speed (4,096 x 4,096 -> 1,024 at rank 8: 25.4 against 13.8 us; q, k and v at
+    roberta-large size 21.4 against 16.4; lora_fold_parts-h200-2026-11-30.json's `rows_only_select` cases in
+    the run of lora_fold_parts_direct-h200-2026-11-30.json)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     job = tl.program_id(1)
     if job == 0:  # all of XA's RP columns (A_cat's missing rows give zeros), and zeros in GB's unused ones
-        _store_cols(XA, _rows_times(X, ACAT, rows, rmask, K, RSUM, 1, K, RP, BKX, IEEE), rows, rmask, 0, RP, RP)
+        _store_cols(XA, _rows_times(X, ACAT, rows, rmask, K, RSUM, K, RP, BKX, IEEE), rows, rmask, 0, RP, RP)
         jj = tl.arange(0, RP)
         tl.store(GB + rows[:, None].to(tl.int64) * RP + jj[None, :], tl.zeros([BM, RP], dtype=GB.dtype.element_ty),
                  mask=rmask[:, None] & (jj >= RSUM)[None, :])
     elif job == 1:
-        _store_cols(GB, _rows_times(G0, B0, rows, rmask, N0, R0, R0, 1, RP, BKG, IEEE), rows, rmask, 0, R0, RP)
+        _store_cols(GB, _rows_times(G0, BT0, rows, rmask, N0, R0, N0, RP, BKG, IEEE), rows, rmask, 0, R0, RP)
     elif job == 2:
-        _store_cols(GB, _rows_times(G1, B1, rows, rmask, N1, R1, R1, 1, RP, BKG, IEEE), rows, rmask, O1, R1, RP)
+        _store_cols(GB, _rows_times(G1, BT1, rows, rmask, N1, R1, N1, RP, BKG, IEEE), rows, rmask, O1, R1, RP)
     else:
-        _store_cols(GB, _rows_times(G2, B2, rows, rmask, N2, R2, R2, 1, RP, BKG, IEEE), rows, rmask, O2, R2, RP)
+        _store_cols(GB, _rows_times(G2, BT2, rows, rmask, N2, R2, N2, RP, BKG, IEEE), rows, rmask, O2, R2, RP)
 
 
 @triton.jit
@@ -271,10 +277,11 @@ def _round_up(n: int, m: int) -> int:
 
 
 def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[torch.Tensor],
-                  Bs: Sequence[torch.Tensor], scalings: Sequence[float]
+                  Bts: Sequence[torch.Tensor], scalings: Sequence[float]
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(dA_i, dB_i) for y_i = x (W_i + s_i B_i A_i)^T + b_i: x2 (M, K); g_i (M, N_i); A_i (r_i, K) and B_i (N_i, r_i)
-    in x2's dtype; the gradients in x2's dtype. The caller checks `supported`."""
+    """(dA_i, dB_i) for y_i = x (W_i + s_i B_i A_i)^T + b_i: x2 (M, K); g_i (M, N_i); A_i (r_i, K) and B_i^T
+    (r_i, N_i) in x2's dtype; the gradients in x2's dtype, dB_i as B_i is, (N_i, r_i). The caller checks
+    `supported`."""
     m, k = x2.shape
     n = len(As)
     ranks = [A.shape[0] for A in As]
@@ -286,9 +293,9 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
     ns = [g.shape[1] for g in gs]
     offs = [sum(ranks[:i]) for i in range(n)]
     a_cat = (As[0] if n == 1 else torch.cat(list(As), 0)).contiguous()
-    Bs = [B.contiguous() for B in Bs]
+    Bts = [B.contiguous() for B in Bts]
 
-    gp, bp, np_, rr, oo = slots(gs, gs[0]), slots(Bs, Bs[0]), slots(ns, 0), slots(ranks, 0), slots(offs, rsum)
+    gp, bp, np_, rr, oo = slots(gs, gs[0]), slots(Bts, Bts[0]), slots(ns, 0), slots(ranks, 0), slots(offs, rsum)
 
     xa = torch.empty(m, rp, dtype=dtype, device=dev)
     gb = torch.empty(m, rp, dtype=dtype, device=dev)
@@ -296,12 +303,13 @@ def lowrank_grads(x2: torch.Tensor, grads: Sequence[torch.Tensor], As: Sequence[
     wide = (bm + rp) * WIDE_BK * x2.element_size() <= WIDE_STAGE_BYTES
     bkx, bkg = (WIDE_BK if wide and c >= ROW_WIDE else ROW_BK for c in (k, max(ns)))
     row_args = (x2, a_cat, *gp, *bp, xa, gb, m, k, *np_, rsum, *rr, oo[1], oo[2])
+    meta = dict(RP=rp, BM=bm, IEEE=ieee)
     try:
-        _row_pass[(triton.cdiv(m, bm), 1 + n)](*row_args, RP=rp, BM=bm, BKX=bkx, BKG=bkg, IEEE=ieee)
+        _row_pass[(triton.cdiv(m, bm), 1 + n)](*row_args, BKX=bkx, BKG=bkg, **meta)
     except triton.runtime.errors.OutOfResources:  # another Triton pipelines deeper: the narrow steps fit
         if (bkx, bkg) == (ROW_BK, ROW_BK):
             raise
-        _row_pass[(triton.cdiv(m, bm), 1 + n)](*row_args, RP=rp, BM=bm, BKX=ROW_BK, BKG=ROW_BK, IEEE=ieee)
+        _row_pass[(triton.cdiv(m, bm), 1 + n)](*row_args, BKX=ROW_BK, BKG=ROW_BK, **meta)
 
     if PASSES == 1:
         return [], []

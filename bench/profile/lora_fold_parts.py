@@ -17,7 +17,8 @@ reduces. Cases:
   `_grads_lowrank_<knob>` with one of its tiles or splits changed, `_rows_only` / `_rows_cols` its first one or
   two launches alone;
 - `<shape>_fold_tc_*`: the fold with B A on the tensor cores;
-- `*_qkv_fold_each` against `*_qkv_fold_grouped`: q's, k's and v's folds, a launch each or one for the three.
+- `*_qkv_fold_each` against `*_qkv_fold_grouped`: q's, k's and v's folds, a launch each or one for the three;
+  `*_qkv_fold_grouped_bt` also writes the three B^T's, as the step's folds do.
 
     python bench/profile/lora_fold_parts.py --out DIR      # CUDA only; writes DIR/lora_fold_parts-<device>-<date>.json
 """
@@ -96,11 +97,12 @@ def cases() -> dict[str, Callable[[], object]]:
             out[f"{name}_gB"] = lambda g=g, xa=xa: lora_fold._scaled_mm(g.t(), xa, SCALING, xa[0])
             out[f"{name}_grads_cublas"] = lambda xd=xd, g=g, Ab=Ab, Bb=Bb: lora_fold._cublas_grads(
                 xd, {0: g}, [Ab], [Bb], [SCALING], [True], [True])
-            out[f"{name}_grads_lowrank"] = lambda xd=xd, g=g, Ab=Ab, Bb=Bb: lowrank_grads.lowrank_grads(
-                xd, [g], [Ab], [Bb], [SCALING])
+            Bt = Bb.t().contiguous()  # as the fold writes it for the backward
+            out[f"{name}_grads_lowrank"] = lambda xd=xd, g=g, Ab=Ab, Bt=Bt: lowrank_grads.lowrank_grads(
+                xd, [g], [Ab], [Bt], [SCALING])
             for label, knobs in LOWRANK_KNOBS.items():
-                out[f"{name}_grads_lowrank_{label}"] = lambda xd=xd, g=g, Ab=Ab, Bb=Bb, kn=knobs: _with(
-                    kn, lambda: lowrank_grads.lowrank_grads(xd, [g], [Ab], [Bb], [SCALING]))
+                out[f"{name}_grads_lowrank_{label}"] = lambda xd=xd, g=g, Ab=Ab, Bt=Bt, kn=knobs: _with(
+                    kn, lambda: lowrank_grads.lowrank_grads(xd, [g], [Ab], [Bt], [SCALING]))
     for name, (m, k, ns) in GROUPS.items():  # q, k and v on one input: one x A^T, the A gradients stacked
         with torch.no_grad():
             xd = torch.randn(m, k, device=dev, dtype=bf16)
@@ -109,16 +111,19 @@ def cases() -> dict[str, Callable[[], object]]:
             Bs = [torch.randn(n, RANK, device=dev, dtype=bf16) * 0.01 for n in ns]
             out[f"{name}_grads_cublas"] = lambda xd=xd, gs=gs, As=As, Bs=Bs: lora_fold._cublas_grads(
                 xd, dict(enumerate(gs)), As, Bs, [SCALING] * 3, [True] * 3, [True] * 3)
-            out[f"{name}_grads_lowrank"] = lambda xd=xd, gs=gs, As=As, Bs=Bs: lowrank_grads.lowrank_grads(
-                xd, gs, As, Bs, [SCALING] * 3)
+            Bts = [B.t().contiguous() for B in Bs]
+            out[f"{name}_grads_lowrank"] = lambda xd=xd, gs=gs, As=As, Bts=Bts: lowrank_grads.lowrank_grads(
+                xd, gs, As, Bts, [SCALING] * 3)
             ws = [torch.randn(n, k, device=dev, dtype=bf16) * k**-0.5 for n in ns]
+            out[f"{name}_fold_grouped_bt"] = lambda ws=ws, As=As, Bs=Bs: lora_fold.fold_weights(
+                ws, As, Bs, [SCALING] * 3, bf16, transposed_Bs=[])
             out[f"{name}_fold_each"] = lambda ws=ws, As=As, Bs=Bs: [
                 lora_fold.fold_weight(w, A, B, SCALING, bf16) for w, A, B in zip(ws, As, Bs, strict=True)]
             out[f"{name}_fold_grouped"] = lambda ws=ws, As=As, Bs=Bs: lora_fold.fold_weights(
                 ws, As, Bs, [SCALING] * 3, bf16)
             for label, knobs in LOWRANK_KNOBS.items():
-                out[f"{name}_grads_lowrank_{label}"] = lambda xd=xd, gs=gs, As=As, Bs=Bs, kn=knobs: _with(
-                    kn, lambda: lowrank_grads.lowrank_grads(xd, gs, As, Bs, [SCALING] * 3))
+                out[f"{name}_grads_lowrank_{label}"] = lambda xd=xd, gs=gs, As=As, Bts=Bts, kn=knobs: _with(
+                    kn, lambda: lowrank_grads.lowrank_grads(xd, gs, As, Bts, [SCALING] * 3))
     return out
 
 

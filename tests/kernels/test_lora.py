@@ -127,14 +127,18 @@ def test_folded_lora_with_dropout_is_the_reference(seed: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fold_weights_of_unequal_heights_in_one_launch(dtype: torch.dtype, seed: int) -> None:
     """q, k and v folded in one launch (`lora_fold.fold_weights`): heights over several row blocks and under one
-    (GQA's k and v), whose surplus blocks return at once; each its own rank and scaling."""
+    (GQA's k and v), whose surplus blocks return at once; each its own rank and scaling. Each B^T, which the
+    backward reads, comes out of the same launch exactly."""
     from autopeft.kernels import lora_fold
 
     K, heights, ranks, scalings = 40, [150, 20, 70], [4, 2, 8], [2.0, 0.5, 1.0]
     ws = [frozen(n, K, dtype=dtype, scale=K**-0.5) for n in heights]
     As = [param(r, K, scale=K**-0.5).detach().to(dtype) for r in ranks]
     Bs = [param(n, r).detach().to(dtype) for n, r in zip(heights, ranks)]
-    got = lora_fold.fold_weights(ws, As, Bs, scalings, dtype, tiles=(64, 64, 4))
+    bts: list[torch.Tensor] = []
+    got = lora_fold.fold_weights(ws, As, Bs, scalings, dtype, tiles=(64, 64, 4), transposed_Bs=bts)
+    for bt, B in zip(bts, Bs, strict=True):
+        assert bt.is_contiguous() and torch.equal(bt, B.t())
     for g, w, A, B, s in zip(got, ws, As, Bs, scalings):
         ref = w.double() + s * B.double() @ A.double()
         assert g.shape == w.shape and g.dtype == dtype

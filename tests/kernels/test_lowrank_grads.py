@@ -16,7 +16,7 @@ def _case(m: int, k: int, ns: list[int], ranks: list[int], scalings: list[float]
     As = [(torch.randn(r, k, dtype=torch.float64) * k**-0.5).to(dtype) for r in ranks]
     Bs = [torch.randn(n, r, dtype=torch.float64).to(dtype) for n, r in zip(ns, ranks, strict=True)]
     assert lowrank_grads.supported(x, gs, As)
-    dA, dB = lowrank_grads.lowrank_grads(x, gs, As, Bs, scalings)
+    dA, dB = lowrank_grads.lowrank_grads(x, gs, As, [B.t().contiguous() for B in Bs], scalings)
     xd = x.double()
     for i, (g, A, B, s) in enumerate(zip(gs, As, Bs, scalings, strict=True)):
         ref_A = s * (g.double() @ B.double()).t() @ xd
@@ -88,11 +88,12 @@ def test_finishing_in_the_column_pass_matches_the_finish_launch(monkeypatch: pyt
     As = [torch.randn(r, k).to(torch.bfloat16) for r in ranks]
     Bs = [torch.randn(n, r).to(torch.bfloat16) for n, r in zip(ns, ranks, strict=True)]
     lowrank_grads._COUNTERS.clear()
-    fused = [lowrank_grads.lowrank_grads(x, gs, As, Bs, [0.5, 1.0, 2.0]) for _ in range(2)]
+    Bts = [B.t().contiguous() for B in Bs]
+    fused = [lowrank_grads.lowrank_grads(x, gs, As, Bts, [0.5, 1.0, 2.0]) for _ in range(2)]
     (counters,) = lowrank_grads._COUNTERS.values()
     assert not counters.any()
     monkeypatch.setattr(lowrank_grads, "FINISH_IN_COLS", False)
-    apart = lowrank_grads.lowrank_grads(x, gs, As, Bs, [0.5, 1.0, 2.0])
+    apart = lowrank_grads.lowrank_grads(x, gs, As, Bts, [0.5, 1.0, 2.0])
     for got in fused:
         for a, b in zip(got[0] + got[1], apart[0] + apart[1], strict=True):
             assert torch.equal(a, b)
