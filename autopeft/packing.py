@@ -40,7 +40,7 @@ How a pack is built, so that packed and sequential training are the same computa
   (`PackState.layout`), so unequal segments (a short last batch, trials of other batch sizes) group too,
   without copying activations. A trial leaving the pack gets its parameters back as tensors of its own
   (`PackState.release`; safetensors saves no views). Still per segment: sites with LoRA dropout (each trial
-  draws its own masks, as it would alone), prefix attention and the `SegmentedModule`s.
+  draws its own masks, keyed by its rows as alone), prefix attention and the `SegmentedModule`s.
 
 On CUDA the packed step runs as CUDA graphs (`Fidelity.cuda_graphs`, auto/on/off, shared by the pack's
 trials), as an unpacked trial's does (`autopeft.cuda_graphs`): a pack of 8 was host-bound (258 ms a step at
@@ -54,11 +54,12 @@ layout of a composition is built before the step and kept (`PackState.layout`); 
 padded to one bucket length, with one graph runner per composition, captured anew when a trial leaves. The
 eager path (`_eager_steps`) stays as it was: the reference, and what runs with graphs off or on a CPU.
 
-Every method packs, with these caveats: dropout (LoRA dropout, or a backbone's own dropout) draws from one RNG
-stream in a different order than sequential runs would, so with dropout on, packed trials are statistically,
-not bitwise, the same as sequential ones; and `peak_memory_mb` of a packed trial is measured on one
-standalone step of that trial on the shared backbone (see `_probe_memory`), since the pack's own peak belongs
-to all of its trials (it is reported as `PackStats.peak_memory_mb`).
+Dropout draws the same masks packed and alone: the backbone's dropouts and LoRA's are keyed by trial seed, step
+and row (`autopeft.dropout`; each step's keys go with the pack's rows, `_pack_keys`, and a trial's own modules
+take its rows' keys, `dropout.narrowed`), and attention's dropout, which SDPA draws where no key reaches, is off
+in both. Every method packs, with one caveat: `peak_memory_mb` of a packed trial is measured on one standalone
+step of that trial on the shared backbone (see `_probe_memory`), since the pack's own peak belongs to all of
+its trials (it is reported as `PackStats.peak_memory_mb`).
 
 Wired into the search: with `--pack-size K` (`autopeft search`, and every `autopeft worker` of the study),
 `worker.work` asks K trials at once (BoTorch proposes them as one q-batch: `sampler.make_sampler(batch=)`),
@@ -83,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopeft import kernels
+from autopeft import dropout, kernels
 from autopeft.cuda_graphs import GraphedStep, StaticGradients, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
 from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast, _chunk_rows, compute_dtype
@@ -575,7 +576,8 @@ class PackedLinear(nn.Module):
                 if self.own_bias and b is not None:  # in the trial's own GEMM, the bias takes the GEMM's dtype
                     y = (y + _cast(b, xk)).to(y.dtype)
                 if peft is not None and peft.rank:  # reference.lora_linear
-                    xd = F.dropout(xk, peft.dropout, self.training) if peft.dropout and self.training else xk
+                    with dropout.narrowed(s, e):  # keyed by the trial's rows, as alone (`autopeft.dropout`)
+                        xd = dropout.apply(xk, peft.dropout, peft.dropout_site, self.training)
                     xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
                     y = _add_low_rank(y, xa, _cast(peft.autopeft_lora_B, xa), peft.scaling)
             if peft is not None and peft.ia3 == "out":
@@ -595,7 +597,8 @@ class PackedLinear(nn.Module):
                 seg.add_(b)
             if peft is not None and peft.rank:
                 xk = x[s:e]
-                xd = F.dropout(xk, peft.dropout, self.training) if peft.dropout and self.training else xk
+                with dropout.narrowed(s, e):
+                    xd = dropout.apply(xk, peft.dropout, peft.dropout_site, self.training)
                 xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
                 seg.view(-1, seg.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]),
                                                    peft.autopeft_lora_B.to(xa.dtype).t(), alpha=peft.scaling)
@@ -616,7 +619,10 @@ class SegmentedModule(nn.Module):
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.slots[k](x[s:e]) for k, s, e in self.state.segments]
+        outs = []
+        for k, s, e in self.state.segments:
+            with dropout.narrowed(s, e):  # a head's own dropout (RoBERTa's) keyed by its trial's rows
+                outs.append(self.slots[k](x[s:e]))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -1087,7 +1093,7 @@ def _eager_steps(base: nn.Module, state: PackState, active: list[_Trial], dev: t
         input_ids, mask, segments = _collate_pack(batches, pad_id)
         input_ids, mask = input_ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
         state.segments = segments
-        with autocast:
+        with autocast, dropout.rows(_pack_keys(batches).to(dev)):
             logits = base(input_ids=input_ids, attention_mask=None if causal else mask).logits
             losses = [_loss(base, logits[s:e], t.labels[idx].to(dev))
                       for (t, idx), (_, s, e) in zip(batches, segments, strict=True)]
@@ -1160,7 +1166,7 @@ def _static_step_fn(base: nn.Module, state: PackState, trials: Sequence[_Trial],
 
     def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = inputs["labels"]
-        with autocast:
+        with autocast, dropout.rows(inputs.get(dropout.KEYS)):
             logits = base(input_ids=inputs["input_ids"],
                           attention_mask=None if causal else inputs["attention_mask"]).logits
             losses = []
@@ -1276,7 +1282,8 @@ def _static_steps(base: nn.Module, state: PackState, trials: Sequence[_Trial], a
             longest = max(len(t.train_ids[i]) for t, idx in batches for i in idx)
             input_ids, mask, segments = _collate_pack(batches, pad_id, bucket_length(longest, max_length))
             labels = torch.cat([t.labels[idx] for t, idx in batches])
-            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            inputs = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                      dropout.KEYS: _pack_keys(batches)}
             inputs = {k: (v.pin_memory() if pin else v).to(dev, non_blocking=True) for k, v in inputs.items()}
             state.segments = segments
             state.layout(dev, slots)  # built here, before (and outside) any capture
@@ -1347,6 +1354,12 @@ def _collate_pack(batches: Sequence[tuple[_Trial, list[int]]], pad_id: int, widt
         segments.append((t.slot, start, start + len(idx)))
         start += len(idx)
     return input_ids, mask, segments
+
+
+def _pack_keys(batches: Sequence[tuple[_Trial, list[int]]]) -> torch.Tensor:
+    """The pack's dropout keys (`autopeft.dropout`): each trial's rows keyed by its seed and step, as its
+    rows would be alone."""
+    return torch.cat([dropout.row_keys(t.cfg.fidelity.seed, t.step, len(idx)) for t, idx in batches])
 
 
 def pack_trials(configs: Sequence[TrialConfig], task: TaskData | None = None, **kwargs: Any

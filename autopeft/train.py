@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autopeft import kernels
+from autopeft import dropout, kernels
 from autopeft.cuda_graphs import GraphedStep, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed
 from autopeft.models import is_causal, load_backbone, resolve_backbone
@@ -416,6 +416,7 @@ def seeded_backbone(backbone: str | None, task: TaskData, dtype: torch.dtype, se
         _TEMPLATE.clear()
         _seed_everything(seed)
         _TEMPLATE[key] = load_backbone(backbone, task.num_labels, regression=task.is_regression, dtype=dtype)
+        dropout.install(_TEMPLATE[key][0])  # keyed by trial, step and row: a pack draws what a trial alone does
     model, tokenizer = _TEMPLATE[key]
     if not share:
         return copy.deepcopy(model), tokenizer
@@ -497,8 +498,9 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
     causal = is_causal(model)
 
     def forward_backward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast:
-            loss = model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k != dropout.KEYS}
+        with autocast, dropout.rows(batch.get(dropout.KEYS)):
+            loss = model(**inputs).loss
         loss.backward()
         return loss
 
@@ -535,6 +537,7 @@ def train_and_evaluate(model: nn.Module, tokenizer: Any, task: TaskData, fid: Fi
                     width = bucket_length(max(len(train_ids[i]) for i in idx), fid.max_length) if graphed else None
                     batch = collate(train_ids, idx, pad_id, dev, width=width, causal=causal)
                     batch["labels"] = labels[idx].to(dev)
+                    batch[dropout.KEYS] = dropout.row_keys(fid.seed, step, len(idx)).to(dev)
                     if graphed is not None and graphed.active and len(idx) == fid.batch_size:
                         loss = graphed(batch)  # a new shape: warm-up step + capture; else one replay
                         if graphed.failure is not None:

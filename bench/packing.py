@@ -16,8 +16,9 @@ loading the backbone to the scored trial, evaluation included, i.e. what a searc
 * `packed_eager` (with `--packed-eager`): the same packs with `cuda_graphs="off"`, the eager packed step.
 
 Every arm uses the same seeds, data, fidelity and bf16 autocast. The packed and unpacked arms train the same
-models step for step (dropout aside, see `autopeft.packing`), so their accuracies should agree closely:
-`max_acc_diff_points` is the largest gap, in points, over the N trials.
+models step for step, dropout masks included (`autopeft.dropout`: keyed by trial, step and row; attention's
+dropout off in both), so their accuracies should agree closely: `max_acc_diff_points` is the largest gap, in
+points, over the N trials. The HF PEFT arms keep the backbone's own dropout, attention's included.
 
     python bench/packing.py                              # GPU: RoBERTa-large, SST-2, 8 trials, packs of 8
     python bench/packing.py --trials 16 --pack-size 8    # two packs

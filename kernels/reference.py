@@ -55,11 +55,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
-    """y = x W^T + b + scaling * dropout(x) A^T B^T, with A (r, in) and B (out, r) as in HF PEFT."""
+                scaling: float, dropout: float = 0.0, training: bool = False, *,
+                dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b + scaling * dropout(x) A^T B^T, with A (r, in) and B (out, r) as in HF PEFT; `dropped`, where
+    given, is dropout(x) already drawn (keyed: `autopeft.dropout`)."""
     x2 = _rows(x)
     y = F.linear(x2, _cast(w, x), _cast(b, x))
-    xd = F.dropout(x2, dropout, training) if dropout and training else x2
+    if dropped is not None:
+        xd = _rows(dropped)
+    else:
+        xd = F.dropout(x2, dropout, training) if dropout and training else x2
     xa = F.linear(xd, _cast(A, x))
     return _accumulate_low_rank(y, xa, _cast(B, xa), scaling).view(*x.shape[:-1], y.shape[-1])
 

@@ -1,8 +1,9 @@
 """Trial packing: K trials trained together on one shared backbone equal K sequential `run_trial`s.
 
-The tiny BERT has no dropout, so packed and sequential training are the same computation up to floating-point
-summation order (the pack is padded to its widest member): losses, final trainable weights and scores must
-agree to a relative 1e-5 in fp32 (one exception, BitFit's attention key bias, is explained where it is
+The tiny BERT has no dropout (one with dropout is checked too: the masks are keyed by trial, step and row, so
+they are the same packed and alone), so packed and sequential training are the same computation up to
+floating-point summation order (the pack is padded to its widest member): losses, final trainable weights and
+scores must agree to a relative 1e-5 in fp32 (one exception, BitFit's attention key bias, is explained where it is
 skipped). One pack covers every method, mixed per trial, with
 different seeds, batch sizes and step counts, so each trial's schedule and data order are its own.
 """
@@ -165,6 +166,47 @@ def test_unequal_batches_group_and_equal_sequential(tiny_backbone_dir: Path, toy
     pack = train_pack(chosen, task=task)
     assert pack.stats.grouped > 0 and pack.stats.looped == 0
     assert pack.stats.steps == 13
+    for result, s in zip(pack.results, seq, strict=True):
+        assert isinstance(result, TrialResult), result
+        assert_same_trial(result, s)
+
+
+@pytest.fixture(scope="module")
+def dropout_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with BERT's dropouts (0.1 hidden, attention and head), and MiniLM's tokenizer."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from autopeft.models import packaged_minilm
+    from tests.conftest import tiny_config
+
+    config = tiny_config("bert", layers=2)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.1
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert-dropout")
+    AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(packaged_minilm() / f, out / f)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_packed_trials_with_dropout_equal_sequential_trials(dropout_backbone_dir: Path, toy: DataOptions,
+                                                            static: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the backbone's dropout on, and LoRA's in one trial, packed and sequential trials draw the same masks
+    (`autopeft.dropout`): the same losses and weights to 1e-5, each trial with its own seed, batch size and step
+    count, eagerly and through the graphed path's host logic (`STATIC_WITHOUT_GRAPHS`)."""
+    import autopeft.packing
+
+    monkeypatch.setattr(autopeft.packing, "STATIC_WITHOUT_GRAPHS", static)
+    lora_dropout = ({"lora": {"rank": {"q": 2, "ffn_out": 4}, "dropout": 0.2}}, {"seed": 5, "max_steps": 5})
+    chosen = [cfg(dropout_backbone_dir, toy, spec, lr=5e-3, **fid)
+              for spec, fid in (TRIALS[0], TRIALS[2], TRIALS[3], lora_dropout)]
+    task = chosen[0].data.load("file")
+    seq = [run_trial(c, task=task, progress=False) for c in chosen]
+    pack = train_pack(chosen, task=task)
     for result, s in zip(pack.results, seq, strict=True):
         assert isinstance(result, TrialResult), result
         assert_same_trial(result, s)

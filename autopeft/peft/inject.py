@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+import autopeft.dropout as keyed
 from autopeft.errors import UserError
 from autopeft.kernels import casts
 from autopeft.models import architecture_of, get_layers, head_parameters
@@ -65,7 +66,8 @@ def inject(model: nn.Module, spec: PeftSpec, *, share_input: bool = True) -> Inj
                 base = layer.get_submodule(path)
                 _replace(layer, path, PeftLinear(
                     base, module_type, rank=rank, alpha=spec.lora_alpha(rank), dropout=spec.lora_dropout,
-                    rslora=spec.lora_rslora, dora=spec.dora, ia3=ia3))
+                    rslora=spec.lora_rslora, dora=spec.dora, ia3=ia3,
+                    dropout_site=keyed.site_of(f"layer{i}.{path}.lora_dropout")))
         if share_input:
             share_lora_input(layer, arch.shared_input)
         if spec.serial_adapter[i]:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+import autopeft.dropout as keyed
 from autopeft import kernels
 from autopeft.errors import UserError
-from autopeft.kernels import casts
+from autopeft.kernels import casts, reference
 from autopeft.peft.dora import init_magnitude
 from autopeft.peft.ia3 import ia3_side, init_ia3
 from autopeft.peft.lora import init_lora, lora_scaling
@@ -26,13 +27,15 @@ from autopeft.peft.lora import init_lora, lora_scaling
 
 class PeftLinear(nn.Module):
     def __init__(self, base: nn.Linear, module_type: str, *, rank: int = 0, alpha: float = 0.0,
-                 dropout: float = 0.0, rslora: bool = False, dora: bool = False, ia3: bool = False) -> None:
+                 dropout: float = 0.0, rslora: bool = False, dora: bool = False, ia3: bool = False,
+                 dropout_site: int = 0) -> None:
         super().__init__()
         self.base_layer = base
         self.module_type = module_type
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = rank
         self.dropout = dropout
+        self.dropout_site = dropout_site  # LoRA dropout's key (`autopeft.dropout`): the linear's place
         self.scaling = lora_scaling(rank, alpha, rslora) if rank else 0.0
         self.dora = bool(dora and rank)
         self.ia3 = ia3_side(module_type) if ia3 else None
@@ -76,6 +79,9 @@ class PeftLinear(nn.Module):
                                     self.autopeft_dora_magnitude, self.scaling)
         elif self.lora_group is not None:
             y = self.lora_group.output(self.lora_group_slot, x)
+        elif self.dropout and self.training and keyed.keyed_for(x):  # as a pack draws it: `autopeft.dropout`
+            y = reference.lora_linear(x, w, b, self.autopeft_lora_A, self.autopeft_lora_B, self.scaling,
+                                      dropped=keyed.apply(x, self.dropout, self.dropout_site, True))
         else:
             y = kernels.lora_linear(x, w, b, self.autopeft_lora_A, self.autopeft_lora_B, self.scaling,
                                     dropout=self.dropout, training=self.training)
