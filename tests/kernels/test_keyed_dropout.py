@@ -12,7 +12,7 @@ from autopeft.kernels import keyed_dropout as kd
 
 def _keys(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64).to(torch.get_default_device())
+    return torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64, device="cpu").to(torch.get_default_device())
 
 
 def _same(got: torch.Tensor, want: torch.Tensor) -> None:
