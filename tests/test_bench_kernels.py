@@ -46,3 +46,10 @@ def test_ratios_over_the_best_floor_take_each_sides_faster_way(monkeypatch: pyte
     assert "roberta_large_adapter64_x_best_floor" not in summary  # not run
     slow_host = kb.summarize([{**r, "step_ms": 36.1} if r["method"] == "floor" else r for r in rows])
     assert slow_host["roberta_large_lora_r8_all_x_best_floor"] == pytest.approx(38.27 / 28.23)
+    # the keys: our step as the trainer runs it over the floor's faster way; eager over eager beside them
+    assert summary["roberta_large_lora_r8_all_x_floor"] == summary["roberta_large_lora_r8_all_x_best_floor"]
+    assert summary["roberta_large_lora_r8_all_ms"] == 38.27
+    assert summary["roberta_large_eager_lora_r8_all_x_floor"] == pytest.approx(87.84 / 26.78)
+    assert summary["roberta_large_eager_lora_r8_all_ms"] == 87.84
+    assert summary["roberta_large_ia3_x_floor"] == pytest.approx(40.0 / 26.78)
+    assert "roberta_large_adapter64_x_floor" not in summary
