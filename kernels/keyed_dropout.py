@@ -14,8 +14,8 @@ and the backward recomputes the mask instead of storing it.
 
 The hash is the same integer arithmetic in PyTorch (`keep_mask`, int64 with the products masked to 32 bits)
 and in Triton (`_keyed_dropout`, uint32), so CPU and GPU draw identical masks and the interpreter tests compare
-them bitwise. On a GPU (or under the interpreter) one Triton kernel applies it forward and backward; elsewhere
-PyTorch computes the mask and keeps it for the backward, as `F.dropout` keeps its own.
+them bitwise. On a GPU one Triton kernel applies it forward and backward; elsewhere PyTorch computes the mask and
+keeps it for the backward, as `F.dropout` keeps its own.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
-from autopeft.kernels.gemm import INTERPRET
 
 #: lowbias32's multipliers (Wellons' integer hash prospector) and 2^32 / phi
 MIX1, MIX2, GOLDEN = 0x7FEB352D, 0x846CA68B, 0x9E3779B9
@@ -130,14 +128,24 @@ def keyed_dropout_reference(x: torch.Tensor, p: float, keys: torch.Tensor, site:
     return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
 
 
-def keyed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor, site: int) -> torch.Tensor:
-    """Dropout of x (rows first, features last; anything between is positions) with row i keyed by keys[i]
-    (int64, 32-bit values) at `site` (0 <= site < 2^31): Triton on a GPU or under the interpreter, else
-    PyTorch; both draw the same mask."""
+def _check(x: torch.Tensor, p: float, keys: torch.Tensor) -> None:
     if x.shape[0] != keys.numel():
         raise ValueError(f"keyed dropout: {x.shape[0]} rows but {keys.numel()} keys")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"keyed dropout: p must be in [0, 1), not {p}")
-    if (x.is_cuda or INTERPRET) and keys.device == x.device and x.is_floating_point():
+
+
+def keyed_dropout_triton(x: torch.Tensor, p: float, keys: torch.Tensor, site: int) -> torch.Tensor:
+    """The Triton path alone (a GPU, or CPU tensors under the interpreter): what the kernel tests compare."""
+    _check(x, p, keys)
+    return _Keyed.apply(x, keys, site, p)
+
+
+def keyed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor, site: int) -> torch.Tensor:
+    """Dropout of x (rows first, features last; anything between is positions) with row i keyed by keys[i]
+    (int64, 32-bit values) at `site` (0 <= site < 2^31): Triton on a GPU, PyTorch elsewhere (also under the
+    interpreter, whose Triton would make CPU training crawl); both draw the same mask."""
+    _check(x, p, keys)
+    if x.is_cuda and keys.device == x.device and x.is_floating_point():
         return _Keyed.apply(x, keys, site, p)
     return keyed_dropout_reference(x, p, keys, site)

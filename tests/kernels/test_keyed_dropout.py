@@ -30,7 +30,7 @@ def _same(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_kernel_equals_the_reference_forward_and_backward(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     keys, p, site = _keys(shape[0]), 0.3, 123456789
     x = torch.randn(*shape, dtype=dtype, requires_grad=True)
-    y = kd.keyed_dropout(x, p, keys, site)
+    y = kd.keyed_dropout_triton(x, p, keys, site)
     _same(y, kd.keyed_dropout_reference(x.detach(), p, keys, site))
     g = torch.randn_like(y)
     y.backward(g)
@@ -44,27 +44,36 @@ def test_a_rows_mask_does_not_depend_on_padding_or_batch() -> None:
     rows (a pack's other trials)."""
     keys, p, site = _keys(4, 1), 0.5, 7
     x = torch.ones(4, 30, 16)
-    wide = kd.keyed_dropout(x, p, keys, site)
-    narrow = kd.keyed_dropout(x[:, :11], p, keys, site)
+    wide = kd.keyed_dropout_triton(x, p, keys, site)
+    narrow = kd.keyed_dropout_triton(x[:, :11], p, keys, site)
     assert torch.equal(wide[:, :11], narrow)
-    alone = kd.keyed_dropout(x[2:3], p, keys[2:3], site)
+    alone = kd.keyed_dropout_triton(x[2:3], p, keys[2:3], site)
     assert torch.equal(wide[2:3], alone)
 
 
 def test_masks_drop_p_and_differ_by_key_and_site() -> None:
     keys, p = _keys(16, 2), 0.1
     x = torch.ones(16, 16, 128)
-    a = kd.keyed_dropout(x, p, keys, 1) == 0
+    a = kd.keyed_dropout_triton(x, p, keys, 1) == 0
     assert abs(a.float().mean().item() - p) < 0.01
-    b = kd.keyed_dropout(x, p, keys, 2) == 0
-    c = kd.keyed_dropout(x, p, _keys(16, 3), 1) == 0
+    b = kd.keyed_dropout_triton(x, p, keys, 2) == 0
+    c = kd.keyed_dropout_triton(x, p, _keys(16, 3), 1) == 0
     for other in (b, c):  # independent masks agree on about p^2 of the dropped places, not on all of them
         assert (a & other).float().mean().item() < 3 * p * p
 
 
+def test_each_device_takes_its_path() -> None:
+    """On a GPU the Triton kernel, elsewhere PyTorch (also under the interpreter): the same elements either way."""
+    keys, x = _keys(3, 4), torch.randn(3, 5, 24, requires_grad=True)
+    y = kd.keyed_dropout(x, 0.25, keys, 9)
+    assert torch.equal(y == 0, kd.keyed_dropout_reference(x.detach(), 0.25, keys, 9) == 0)
+    assert ("_Keyed" in type(y.grad_fn).__name__) == x.is_cuda
+
+
 def test_bad_arguments_are_refused() -> None:
     x = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="rows but"):
-        kd.keyed_dropout(x, 0.1, _keys(2), 0)
-    with pytest.raises(ValueError, match="p must be"):
-        kd.keyed_dropout(x, 1.0, _keys(3), 0)
+    for fn in (kd.keyed_dropout, kd.keyed_dropout_triton):
+        with pytest.raises(ValueError, match="rows but"):
+            fn(x, 0.1, _keys(2), 0)
+        with pytest.raises(ValueError, match="p must be"):
+            fn(x, 1.0, _keys(3), 0)
