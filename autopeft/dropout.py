@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import zlib
 from collections.abc import Iterator
 
@@ -35,8 +36,10 @@ KEYS = "autopeft_dropout_keys"
 #: attention modules' float attributes that hold attention's dropout probability, across transformers versions
 ATTENTION_DROPOUT_ATTRS = ("attention_dropout", "dropout_prob", "attn_dropout")
 
-#: the keys of the forward running now (per thread and task, as `train.CURRENT_TRIAL`)
-_KEYS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("autopeft_dropout_keys", default=None)
+#: (the keys of the forward running now, that forward's number), per thread and task as `train.CURRENT_TRIAL`
+_KEYS: contextvars.ContextVar[tuple[torch.Tensor | None, int]] = contextvars.ContextVar(
+    "autopeft_dropout_keys", default=(None, -1))
+_forwards = itertools.count()
 
 
 def row_keys(seed: int, step: int, rows: int) -> torch.Tensor:
@@ -49,7 +52,7 @@ def row_keys(seed: int, step: int, rows: int) -> torch.Tensor:
 @contextlib.contextmanager
 def rows(keys: torch.Tensor | None) -> Iterator[None]:
     """Key the dropouts of the forward run inside by `keys` (one per row of its batch; None: unkeyed)."""
-    token = _KEYS.set(keys)
+    token = _KEYS.set((keys, next(_forwards)))
     try:
         yield
     finally:
@@ -59,7 +62,7 @@ def rows(keys: torch.Tensor | None) -> Iterator[None]:
 @contextlib.contextmanager
 def narrowed(start: int, stop: int) -> Iterator[None]:
     """Inside a pack, a trial's own module runs on its rows [start, stop): its dropouts take those rows' keys."""
-    keys = _KEYS.get()
+    keys = _KEYS.get()[0]
     with rows(None if keys is None else keys[start:stop]):
         yield
 
@@ -71,7 +74,7 @@ def site_of(name: str) -> int:
 
 def keyed_for(x: torch.Tensor) -> bool:
     """Whether the forward running now has keys for x's rows."""
-    keys = _KEYS.get()
+    keys = _KEYS.get()[0]
     return keys is not None and keys.numel() == x.shape[0]
 
 
@@ -81,18 +84,27 @@ def apply(x: torch.Tensor, p: float, site: int, training: bool) -> torch.Tensor:
         return x
     if not keyed_for(x):
         return F.dropout(x, p, True)
-    return keyed_dropout(x, p, _KEYS.get().to(x.device), site)
+    return keyed_dropout(x, p, _KEYS.get()[0].to(x.device), site)
 
 
 class KeyedDropout(nn.Module):
-    """`nn.Dropout(p)` with the mask keyed by the rows given to `rows` (see the module docstring)."""
+    """`nn.Dropout(p)` with the mask keyed by the rows given to `rows` (see the module docstring). Called again
+    within one `rows` context (RoBERTa's head applies its dropout twice), each call after the first takes a site
+    of its own, so the masks are independent as `F.dropout`'s are; a pack runs a trial's own head inside
+    `narrowed`, a context of its own, so its calls count from the first there too."""
 
     def __init__(self, p: float, site: int) -> None:
         super().__init__()
         self.p, self.site = p, site
+        self._forward, self._calls = -1, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply(x, self.p, self.site, self.training)
+        forward = _KEYS.get()[1]
+        if forward != self._forward:
+            self._forward, self._calls = forward, 0
+        site = self.site if not self._calls else mix32(self.site + self._calls) & 0x7FFFFFFF
+        self._calls += 1
+        return apply(x, self.p, site, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, site={self.site}"

@@ -1414,7 +1414,8 @@ def _probe_memory(t: _Trial, dev: torch.device, pad_id: int) -> float:
     t.model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
     with PeakMemory(dev) as mem:
-        with autocast:
+        keys = dropout.row_keys(t.cfg.fidelity.seed, 0, len(t.widest)).to(dev)  # keyed, as the trial trains
+        with autocast, dropout.rows(keys):
             loss = t.model(**batch, labels=t.labels[t.widest].to(dev)).loss
         loss.backward()
     t.optimizer.zero_grad(set_to_none=True)

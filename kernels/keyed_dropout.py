@@ -12,10 +12,15 @@ bench/results/packing_graphed_minilm_bf16-h200-2026-11-30.json), where the packi
 row draws the same mask alone or in a pack, at any padding (a row's positions and features keep their indices),
 and the backward recomputes the mask instead of storing it.
 
-The hash is the same integer arithmetic in PyTorch (`keep_mask`, int64 with the products masked to 32 bits)
-and in Triton (`_keyed_dropout`, uint32), so CPU and GPU draw identical masks and the interpreter tests compare
-them bitwise. On a GPU one Triton kernel applies it forward and backward; elsewhere PyTorch computes the mask and
-keeps it for the backward, as `F.dropout` keeps its own.
+The hash is the same integer arithmetic in PyTorch (`keep_mask`, on int64: each product is masked to 32 bits,
+and where it passes 2^63 it wraps as two's complement, which leaves its low 32 bits exact) and in Triton
+(`_keyed_dropout`, uint32), so CPU and GPU draw identical masks and the tests compare them bitwise. On a GPU
+one Triton kernel applies it forward and backward; elsewhere PyTorch computes the mask and keeps it for the
+backward, as `F.dropout` keeps its own.
+
+A module called more than once in one forward (RoBERTa's classification head calls its dropout twice) gets a
+new site for each call after the first (`autopeft.dropout.KeyedDropout`), so its masks are independent, as
+`F.dropout`'s are.
 """
 
 from __future__ import annotations

@@ -138,8 +138,9 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, like: torch.Tenso
 class _FoldedLora(torch.autograd.Function):
     """n linears on one input x: y_i = x (W_i + s_i B_i A_i)^T + b_i. Arguments after x and the scalings: the n
     weights, the n biases (None allowed), the n A's, the n B's, A's and B's already in x's dtype. Up to
-    MAX_LINEARS of them (one fold launch), the fold also writes each B^T, which the backward keeps instead of B
-    (the same bytes) for `lowrank_grads`."""
+    MAX_LINEARS of them (one fold launch), the fold also writes each B^T where a backward will run, which keeps
+    it instead of B for `lowrank_grads` (an (r, N) tensor: where B was a cast, the same bytes; where B is the
+    parameter itself, a copy the size of B)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scalings: tuple[float, ...], *params: torch.Tensor | None
@@ -148,8 +149,9 @@ class _FoldedLora(torch.autograd.Function):
         ws, bs, As, Bs = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
         x2 = x.reshape(-1, x.shape[-1])
         bts: list[torch.Tensor] = []
-        if n <= lowrank_grads.MAX_LINEARS:
-            folds = fold_weights(ws, As, Bs, scalings, x.dtype, transposed_Bs=bts)
+        if n <= lowrank_grads.MAX_LINEARS:  # B^T only for a backward (not under no_grad or in evaluation)
+            wanted = bts if any(ctx.needs_input_grad) else None
+            folds = fold_weights(ws, As, Bs, scalings, x.dtype, transposed_Bs=wanted)
         else:
             folds = [fold_weight(w, A, B, s, x.dtype) for w, A, B, s in zip(ws, As, Bs, scalings, strict=True)]
         ys = [F.linear(x2, wf, None if b is None else b.to(x.dtype)) for wf, b in zip(folds, bs, strict=True)]

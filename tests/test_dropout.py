@@ -91,3 +91,31 @@ def test_trained_steps_repeat_exactly_with_keys() -> None:
         out.sum().backward()
         outs.append((out.detach(), model.classifier.weight.grad.clone()))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_a_module_called_twice_in_a_forward_draws_two_masks() -> None:
+    """RoBERTa's head applies one dropout module twice per forward: two independent masks, as `F.dropout` would
+    draw, and the same two in every forward with the same keys, alone or inside a pack's `narrowed` rows."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.5)
+    model = RobertaForSequenceClassification(config)
+    dropout.install(model)
+    model.train()
+    seen: list[torch.Tensor] = []
+    model.classifier.dropout.register_forward_hook(lambda m, args, out: seen.append(out == 0))
+    ids = torch.randint(3, 200, (4, 12))
+    keys = dropout.row_keys(2, 5, 4)
+    with dropout.rows(keys):
+        model(input_ids=ids)
+    first, second = seen
+    assert first.shape == second.shape == (4, 32) and not torch.equal(first, second)
+    with dropout.rows(keys):
+        model(input_ids=ids)
+    assert torch.equal(seen[2], first) and torch.equal(seen[3], second)
+    head = model.classifier  # as a pack runs a trial's own head: on its rows, after another trial's two rows
+    x = torch.randn(6, 12, 32)
+    with dropout.rows(torch.cat([dropout.row_keys(9, 0, 2), keys])), dropout.narrowed(2, 6):
+        head(x[2:])
+    assert torch.equal(seen[4], first) and torch.equal(seen[5], second)
