@@ -45,8 +45,8 @@ _forwards = itertools.count()
 def row_keys(seed: int, step: int, rows: int) -> torch.Tensor:
     """The keys of a trial's batch of `rows` rows at `step` (int64 holding 32-bit values): the same whether the
     trial trains alone or in a pack."""
-    trial = mix32(mix32(mix32(seed & 0xFFFFFFFF) ^ (seed >> 32)) ^ step)
-    return torch.tensor([mix32(trial + r) for r in range(rows)], dtype=torch.int64)
+    trial = mix32(mix32(mix32(seed) ^ (seed >> 32)) ^ step)
+    return mix32(trial + torch.arange(rows, dtype=torch.int64))
 
 
 @contextlib.contextmanager
@@ -72,19 +72,25 @@ def site_of(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
+def _keys_for(x: torch.Tensor) -> torch.Tensor | None:
+    """The forward's keys where they are one per row of x."""
+    keys = _KEYS.get()[0]
+    return keys if keys is not None and keys.numel() == x.shape[0] else None
+
+
 def keyed_for(x: torch.Tensor) -> bool:
     """Whether the forward running now has keys for x's rows."""
-    keys = _KEYS.get()[0]
-    return keys is not None and keys.numel() == x.shape[0]
+    return _keys_for(x) is not None
 
 
 def apply(x: torch.Tensor, p: float, site: int, training: bool) -> torch.Tensor:
     """Dropout of x at `site`: keyed where the forward has keys for x's rows, else `F.dropout`."""
     if not training or not p:
         return x
-    if not keyed_for(x):
+    keys = _keys_for(x)
+    if keys is None:
         return F.dropout(x, p, True)
-    return keyed_dropout(x, p, _KEYS.get()[0].to(x.device), site)
+    return keyed_dropout(x, p, keys.to(x.device), site)
 
 
 class KeyedDropout(nn.Module):

@@ -557,6 +557,11 @@ class PackedLinear(nn.Module):
             parts.append(x[s:e] * peft.autopeft_ia3.to(x.dtype) if peft is not None and peft.ia3 == "in" else x[s:e])
         return torch.cat(parts)
 
+    def _dropped(self, peft: PeftLinear, xk: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Trial k's LoRA input on its rows [s, e): its dropout keyed by those rows, as alone (`autopeft.dropout`)."""
+        with dropout.narrowed(s, e):
+            return dropout.apply(xk, peft.dropout, peft.dropout_site, self.training)
+
     def _loop(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         w = self.base_layer.weight
         outs = []
@@ -576,9 +581,7 @@ class PackedLinear(nn.Module):
                 if self.own_bias and b is not None:  # in the trial's own GEMM, the bias takes the GEMM's dtype
                     y = (y + _cast(b, xk)).to(y.dtype)
                 if peft is not None and peft.rank:  # reference.lora_linear
-                    with dropout.narrowed(s, e):  # keyed by the trial's rows, as alone (`autopeft.dropout`)
-                        xd = dropout.apply(xk, peft.dropout, peft.dropout_site, self.training)
-                    xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
+                    xa = F.linear(self._dropped(peft, xk, s, e), _cast(peft.autopeft_lora_A, xk))
                     y = _add_low_rank(y, xa, _cast(peft.autopeft_lora_B, xa), peft.scaling)
             if peft is not None and peft.ia3 == "out":
                 y = y * peft.autopeft_ia3.to(y.dtype)
@@ -597,9 +600,7 @@ class PackedLinear(nn.Module):
                 seg.add_(b)
             if peft is not None and peft.rank:
                 xk = x[s:e]
-                with dropout.narrowed(s, e):
-                    xd = dropout.apply(xk, peft.dropout, peft.dropout_site, self.training)
-                xa = F.linear(xd, _cast(peft.autopeft_lora_A, xk))
+                xa = F.linear(self._dropped(peft, xk, s, e), _cast(peft.autopeft_lora_A, xk))
                 seg.view(-1, seg.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]),
                                                    peft.autopeft_lora_B.to(xa.dtype).t(), alpha=peft.scaling)
         return z

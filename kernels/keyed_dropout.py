@@ -38,18 +38,9 @@ M32 = 0xFFFFFFFF
 MAX_BLOCK = 1024
 
 
-def mix32(x: int) -> int:
-    """The hash's mixer on a Python int (host-side keys)."""
-    x &= M32
-    x ^= x >> 16
-    x = (x * MIX1) & M32
-    x ^= x >> 15
-    x = (x * MIX2) & M32
-    return x ^ (x >> 16)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """`mix32` on an int64 tensor of 32-bit values."""
+def mix32(x: Any) -> Any:
+    """The hash's mixer, on a Python int (host-side keys) or an int64 tensor, each value taken mod 2^32."""
+    x = x & M32
     x = x ^ (x >> 16)
     x = (x * MIX1) & M32
     x = x ^ (x >> 15)
@@ -65,20 +56,25 @@ def threshold(p: float) -> int:
 def keep_mask(keys: torch.Tensor, site: int, positions: int, features: int, p: float) -> torch.Tensor:
     """The reference mask, (rows, positions, features) bool: True where an element is kept."""
     dev = keys.device
-    h = _mix(keys.to(torch.int64) & M32 ^ site)
-    h = _mix((h[:, None] + torch.arange(positions, device=dev)) & M32)
-    f = (torch.arange(features, device=dev, dtype=torch.int64) * GOLDEN) & M32
-    h = _mix((h[:, :, None] + f) & M32)
+    h = mix32(keys.to(torch.int64) ^ site)
+    h = mix32(h[:, None] + torch.arange(positions, device=dev))
+    f = torch.arange(features, device=dev, dtype=torch.int64) * GOLDEN
+    h = mix32(h[:, :, None] + f)
     return (h >> 8) >= threshold(p)
+
+
+_MIX1: tl.constexpr = tl.constexpr(MIX1)
+_MIX2: tl.constexpr = tl.constexpr(MIX2)
+_GOLDEN: tl.constexpr = tl.constexpr(GOLDEN)
 
 
 @triton.jit
 def _mix_tl(x):
     """`mix32` on uint32 values."""
     x ^= x >> 16
-    x *= tl.full([], 0x7FEB352D, tl.uint32)
+    x *= tl.full([], _MIX1, tl.uint32)
     x ^= x >> 15
-    x *= tl.full([], 0x846CA68B, tl.uint32)
+    x *= tl.full([], _MIX2, tl.uint32)
     return x ^ (x >> 16)
 
 
@@ -92,7 +88,7 @@ def _keyed_dropout(X, Y, KEYS, site, T, H, thresh, scale, BLOCK: tl.constexpr):
     h = _mix_tl(h + (rt % T).to(tl.uint32))
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = f < H
-    h = _mix_tl(h + f.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32))
+    h = _mix_tl(h + f.to(tl.uint32) * tl.full([], _GOLDEN, tl.uint32))
     keep = (h >> 8) >= thresh.to(tl.uint32)
     offs = rt.to(tl.int64) * H + f
     x = tl.load(X + offs, mask=inside, other=0.0).to(tl.float32)

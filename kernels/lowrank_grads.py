@@ -121,6 +121,12 @@ def _row_pass(X, ACAT, G0, G1, G2, BT0, BT1, BT2, XA, GB, M, K, N0, N1, N2, RSUM
 
 
 @triton.jit
+def _rank_scale(j, O1, O2, S0, S1, S2):
+    """The scaling of A_cat's row j: its rows are linear 0's, then 1's from O1, then 2's from O2."""
+    return tl.where(j < O1, S0, tl.where(j < O2, S1, S2))
+
+
+@triton.jit
 def _sum_splits(P, offs, mask, SPLITS, TOTAL):
     """Σ over the splits' partial sums at `offs` (past L1, which another SM's stores do not reach)."""
     total = tl.zeros(offs.shape, dtype=tl.float32)
@@ -182,7 +188,7 @@ def _col_pass(X, XA, GB, G0, G1, G2, P, M, K, N0, N1, N2, rows_per, NA, NB0, NB1
         if FINISH:
             if _last_to_arrive(CNT, cb, SPLITS):
                 sum_a = _sum_splits(P, offs_a, cmask[None, :], SPLITS, TOTAL)
-                scale = tl.where(jj < O1, S0, tl.where(jj < O2, S1, S2))  # A_cat's rows: linear 0's, 1's, 2's
+                scale = _rank_scale(jj, O1, O2, S0, S1, S2)
                 tl.store(GA + offs_a, (sum_a * scale[:, None]).to(GA.dtype.element_ty),
                          mask=(jj < RSUM)[:, None] & cmask[None, :])
     else:
@@ -224,7 +230,7 @@ def _finish(P, GA, GB0, GB1, GB2, SPLITS, TOTAL, K, RSUM, N0, N1, N2, R0, R1, R2
     if first < BASE0:  # dA's: (RP, K) partials into A_cat's (RSUM, K) gradient
         j = e // K
         ok = (j < RSUM) & (e < RP * K)
-        scale = tl.where(j < O1, S0, tl.where(j < O2, S1, S2))  # A_cat's rows: linear 0's, then 1's, then 2's
+        scale = _rank_scale(j, O1, O2, S0, S1, S2)
         tl.store(GA + e, (total * scale).to(GA.dtype.element_ty), mask=ok)
     else:
         if first < BASE1:
