@@ -42,6 +42,14 @@ How a pack is built, so that packed and sequential training are the same computa
   (`PackState.release`; safetensors saves no views). Still per segment: sites with LoRA dropout (each trial
   draws its own masks, keyed by its rows as alone), prefix attention and the `SegmentedModule`s.
 
+In a graphed step on a GPU, a grouped linear site with LoRA goes one step further (`PackedLinear._folded`,
+`kernels.grouped_fold`): each trial's update is folded into a weight of its own, W'_k = W + s B_k A_k, so the
+forward is one GEMM per trial (the bias in cuBLAS's epilogue) and the input gradient one batched GEMM, with nothing
+added over the activations; IA3's and DoRA's rescalings touch only the rows of the trials that have them, and A's
+and B's gradients are computed only over the rows of the trials with LoRA at that site. At roberta-large size a
+pack of 8 then steps at 264k tokens/s against 191k (H200; bench/results/packing-h200-2026-11-30.json and
+packing_step_nofold-): the unfolded grouped path stays for eager steps, CPUs, and layouts whose chunks gather.
+
 On CUDA the packed step runs as CUDA graphs (`Fidelity.cuda_graphs`, auto/on/off, shared by the pack's
 trials), as an unpacked trial's does (`autopeft.cuda_graphs`): a pack of 8 was host-bound (258 ms a step at
 roberta-large size, H200) and lost to graphed unpacked trials (1,671 against 950 trials per GPU-hour, MiniLM
@@ -87,6 +95,7 @@ from torch import nn
 from autopeft import dropout, kernels
 from autopeft.cuda_graphs import GraphedStep, StaticGradients, _key, bucket_length, use_cuda_graphs
 from autopeft.errors import TrialFailed, UserError
+from autopeft.kernels import grouped_fold
 from autopeft.kernels.reference import ACTIVATIONS, _add_low_rank, _cast, _chunk_rows, compute_dtype
 from autopeft.models import architecture_of, get_layers, is_causal, resolve_backbone
 from autopeft.peft import inject
@@ -446,6 +455,11 @@ class PackedLinear(nn.Module):
             # the bias goes before the LoRA term for LoRA trials, after the rescaling for DoRA trials
             self._after = torch.tensor([float(k in dora) for k in range(len(pefts))], device=dev).view(-1, 1)
             self._before = 1 - self._after
+        # for `_folded`: which trials' bias goes before their rescaling, and whose rows are rescaled at all
+        self._bias_before = tuple(k not in dora for k in range(len(pefts))) if dora else None
+        self._out_slots = tuple(k for k, p in enumerate(pefts) if p is not None and (p.dora or p.ia3 == "out"))
+        self._in_slots = tuple(k for k, p in enumerate(pefts) if p is not None and p.ia3 == "in")
+        self._lora_slots = tuple(k for k, r in enumerate(ranks) if r)
         for side in ("in", "out"):
             vectors = [p.autopeft_ia3 if p is not None and p.ia3 == side else None for p in pefts]
             if any(v is not None for v in vectors):
@@ -496,6 +510,10 @@ class PackedLinear(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         shape = x.shape
         x3 = x.reshape(chunks, -1, shape[-1])
+        if idx is None and "A" in st and kernels.folds(x, "grouped_lora_linear"):
+            y = self._folded(x3, autocast, present)
+            if y is not None:
+                return y.view(*shape[:-1], y.shape[-1])
         if "ia3_in" in st:
             x3 = kernels.scale_rows(x3, st["ia3_in"].leaf.to(x.dtype), None, idx)
         x_dtype = x3.dtype
@@ -530,6 +548,43 @@ class PackedLinear(nn.Module):
             y = kernels.scale_rows(y, scale, shift, idx)
         y = y.view(*shape[:-1], y.shape[-1])
         return y if y.dtype == dtype else y.to(dtype)
+
+    def _folded(self, x3: torch.Tensor, autocast: bool, present: set[int]) -> torch.Tensor | None:
+        """`_grouped`'s math with each trial's LoRA folded into a weight of its own (`kernels.grouped_fold`): what
+        "auto" runs in a graphed step on CUDA when every trial's rows are one chunk of the pack. None where the
+        output would be promoted past the compute dtype (a DoRA trial's fp32 bias), which `_grouped` handles.
+
+        Why: at roberta-large size a grouped LoRA site cost about twice the frozen linear (x A^T, an accumulating
+        GEMM into y, the low-rank input gradient summed into the frozen one), and the IA3 and DoRA rescalings ran
+        over every row of the pack; folded, forward and input gradient are the frozen work, and only the
+        rescaled trials' rows are rescaled (bench/profile/grouped_fold_parts.py, bench/packing_step.py)."""
+        st = self._stacks
+        x_dtype = x3.dtype
+        if autocast:
+            x3 = x3.to(compute_dtype(x3))
+        dt = x3.dtype
+        if any(torch.promote_types(dt, d) != dt for k, d in self._promotes.items() if k in present):
+            return None
+        Bt = st["Bt"].leaf if self._alpha is not None else st["Bt"].leaf * self._scalings
+        bias = shift = scale = None
+        if "bias" in st:
+            bias = st["bias"].leaf.to(dt)
+        elif not self.own_bias and self.base_layer.bias is not None:
+            bias = _cast(self.base_layer.bias, x3)
+        if "magnitude" in st:
+            scale = self._dora_scale(x_dtype).to(dt)
+            if bias is not None and "bias" in st:
+                shift = bias * self._after.to(dt)
+        if "ia3_out" in st:
+            ia3 = st["ia3_out"].leaf.to(dt)
+            scale = ia3 if scale is None else scale * ia3
+            shift = None if shift is None else shift * ia3
+        scale_in = st["ia3_in"].leaf.to(dt) if "ia3_in" in st else None
+        return grouped_fold.grouped_lora_linear(
+            x3, _cast(self.base_layer.weight, x3), bias, st["A"].leaf.to(dt), Bt.to(dt),
+            1.0 if self._alpha is None else self._alpha, scale, shift, scale_in,
+            before=self._bias_before if "bias" in st else None, out_slots=self._out_slots, in_slots=self._in_slots,
+            lora_slots=self._lora_slots)
 
     def _dora_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """[K, out] in the input's `dtype`: m / ||W + s B A||_row (detached) for the DoRA trials, as

@@ -12,8 +12,14 @@ loading the backbone to the scored trial, evaluation included, i.e. what a searc
 * `unpacked`: `train.run_trial`, one trial after another, with the fidelity's `cuda_graphs` (auto: graphed on CUDA);
 * `packed`: `packing.train_pack`, `--pack-size` trials at a time on one shared frozen backbone, its packed step
   as CUDA graphs under the fidelity's `cuda_graphs` (auto: graphed on CUDA; `packed_graphed` in the summary
-  says whether every pack ran graphed, `pack_tokens_per_s_*` is its throughput);
+  says whether every pack ran graphed, `pack_real_tokens_per_s_*` its throughput in the trials' own,
+  unpadded tokens: SST-2's sentences are short, so a step is small);
 * `packed_eager` (with `--packed-eager`): the same packs with `cuda_graphs="off"`, the eager packed step.
+
+At roberta-large size on a GPU the summary's `pack_tokens_per_s_roberta_large` is the issue's aggregate
+training throughput: a pack of `--pack-size` of these trials stepping over full rows (32 x 128 tokens each, the
+shape the issue's saturated floor was measured at), graphed as `train_pack` runs it, timed by
+bench/packing_step.py's `grouped_graphed` arm in the same process (`--no-step` leaves it out).
 
 Every arm uses the same seeds, data, fidelity and bf16 autocast. The packed and unpacked arms train the same
 models step for step, dropout masks included (`autopeft.dropout`: keyed by trial, step and row; attention's
@@ -185,6 +191,9 @@ def main() -> None:
     ap.add_argument("--fp32-norms", action="store_true",
                     help="autocast's fp32 LayerNorm outputs (the trainer's before 2026-11-30) instead of the "
                          "backbone's bf16 (autopeft.precision), to compare the two")
+    ap.add_argument("--no-step", action="store_true",
+                    help="leave out the pack's step throughput over full rows (bench/packing_step.py's graphed arm, "
+                         "run at roberta-large size on a GPU)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
 
@@ -205,6 +214,10 @@ def main() -> None:
         fid = Fidelity(train_examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
                        max_length=args.max_length)
     fid = dataclasses.replace(fid, cuda_graphs=args.cuda_graphs)
+    step: dict[str, float] = {}  # first: the shortest part, and it needs the GPU's memory to itself
+    if args.backbone == "random-roberta-large" and device.type == "cuda" and not args.no_step and not args.tiny:
+        step = step_throughput(args.pack_size, device)
+        print(f"pack step over full rows: {step['pack_tokens_per_s_roberta_large']:,.0f} tokens/s", flush=True)
     precision.FP32_NORMS = args.fp32_norms
     task = data.load(task_name)
     configs = [TrialConfig(task=task_name, spec=SPECS[i % len(SPECS)], backbone=backbone,
@@ -288,7 +301,7 @@ def main() -> None:
         "trials_per_gpu_hour_packed": per_hour["packed"],
         "trials_per_gpu_hour_unpacked": per_hour["unpacked"],
         "trials_per_gpu_hour_speedup_vs_unpacked": per_hour["packed"] / per_hour["unpacked"],
-        f"pack_tokens_per_s_{short}": pack_tokens / pack_seconds if pack_seconds > 0 else 0.0,
+        f"pack_real_tokens_per_s_{short}": pack_tokens / pack_seconds if pack_seconds > 0 else 0.0,
         "packed_graphed": float(all(r["cuda_graphs"] for r in pack_rows)),  # every pack's steps as CUDA graphs
         "max_acc_diff_points": max(diffs) if diffs else float("nan"),
         "failed_packed": sum(isinstance(r, TrialFailed) for r in packed),
@@ -301,7 +314,7 @@ def main() -> None:
         eager_seconds = sum(r["train_seconds"] for r in eager_rows)
         summary["trials_per_gpu_hour_packed_eager"] = per_hour["packed_eager"]
         summary["trials_per_gpu_hour_packed_graphed_vs_eager"] = per_hour["packed"] / per_hour["packed_eager"]
-        summary[f"pack_tokens_per_s_eager_{short}"] = (sum(r["tokens"] for r in eager_rows) / eager_seconds
+        summary[f"pack_real_tokens_per_s_eager_{short}"] = (sum(r["tokens"] for r in eager_rows) / eager_seconds
                                                        if eager_seconds > 0 else 0.0)
     best = max(per_hour["packed"], per_hour["unpacked"])  # what a worker gets running the faster of the two
     for arm in ("hf_peft", "hf_peft_graphed"):
@@ -311,6 +324,7 @@ def main() -> None:
             summary[f"trials_per_gpu_hour_best_ours_speedup_vs_{arm}"] = best / per_hour[arm]
     summary |= mean_acc_diffs(rows)
     summary |= rerun_acc_diffs(rows)
+    summary |= step
     what = "tiny random BERT, toy CSV (smoke test: the numbers mean nothing)" if args.tiny else \
         f"{args.backbone} on {args.task}"
     norms = "fp32 (autocast's, --fp32-norms)" if args.fp32_norms else "bf16 (autopeft.precision)"
@@ -321,7 +335,9 @@ def main() -> None:
              "pack's steps ran as CUDA graphs), packed_eager off; "
              "(our unpacked arm keeps the loaded backbone in memory between trials, as a search worker does; the "
              "HF PEFT arm loads it for each trial, as a script per trial would); "
-             f"pack_tokens_per_s_* = training tokens of the packs / their training seconds; LayerNorm outputs "
+             "pack_real_tokens_per_s_* = training tokens of the packs (padding excluded) / their training "
+             "seconds; pack_tokens_per_s_roberta_large = the pack's graphed step over full rows "
+             "(bench/packing_step.py, step_* keys); LayerNorm outputs "
              f"{norms}; {device_name(device)}")
     name = ("packing" if short == "roberta_large" else f"packing_{short}") + ("_fp32_norms" if args.fp32_norms else "")
     write_results(name, rows, summary, out_dir=args.out, notes=notes, device=device)
@@ -381,6 +397,23 @@ def _row(r: TrialResult | TrialFailed) -> dict[str, Any]:
     if isinstance(r, TrialFailed):
         return {"failed": r.reason, "detail": r.detail}
     return r.metrics.to_dict()
+
+
+def step_throughput(pack_size: int, device: Any) -> dict[str, float]:
+    """The issue's aggregate throughput: bench/packing_step.py's graphed arm (a pack of `pack_size` of SPECS, each
+    32 rows x 128 tokens, every row full, on a random roberta-large-size BERT), tokens per second."""
+    import importlib.util
+
+    # by its path: imported by name from inside a run on the GPU machine, it was not found (sys.path had changed)
+    spec = importlib.util.spec_from_file_location("packing_step", Path(__file__).resolve().parent / "packing_step.py")
+    packing_step = sys.modules["packing_step"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packing_step)
+    ns = argparse.Namespace(pack_size=pack_size, batch_size=32, max_length=128, iters=10, warmup=3, tiny=False,
+                            profile=False, specs="mixed")
+    _, ms, _ = packing_step.run_arms(ns, device, ["grouped_graphed"])
+    tokens = pack_size * ns.batch_size * ns.max_length
+    return {"pack_tokens_per_s_roberta_large": tokens / (ms["grouped_graphed"] / 1000),
+            "step_ms_pack_graphed": ms["grouped_graphed"], "step_tokens": float(tokens)}
 
 
 def _label(r: TrialResult | TrialFailed) -> str:

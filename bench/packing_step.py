@@ -19,7 +19,7 @@ clipping and AdamW step, as `packing.train_pack` runs it. Arms, on the same pack
 
 The backbone is random (speed does not depend on the weights) at roberta-large size: 24 layers, hidden 1024,
 16 heads, FFN 4096 (BERT architecture); the trials are bench/packing.py's SPECS (LoRA at several sites and
-ranks, DoRA, IA3), cycled to `--pack-size`.
+ranks, DoRA, IA3), cycled to `--pack-size`; with `--specs floor`, trials without adapters (the pack's floor).
 
     python bench/packing_step.py --pack-size 8     # GPU
     python bench/packing_step.py --tiny            # CPU smoke run: tiny BERT, seconds; the numbers mean nothing
@@ -81,12 +81,15 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, pa
     models, specs = [], []
     for k in range(args.pack_size):
         model = copy.deepcopy(base)
-        spec = PeftSpec.from_dict(SPECS[k % len(SPECS)], num_layers=config.num_hidden_layers)
+        spec = PeftSpec.from_dict({} if args.specs == "floor" else SPECS[k % len(SPECS)],
+                                  num_layers=config.num_hidden_layers)
         _seed_everything(k)
         inject(model, spec)
         _share_frozen(model, shared)
         models.append(model)
         specs.append(spec)
+    if args.specs == "floor":  # no trainable tensor before the heads: make backward run down to the embeddings
+        base.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     state = build_packed_model(base, models, specs)
     base.to(device).train()
     fid = Fidelity()
@@ -102,34 +105,11 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, pa
     return base, state, trials
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pack-size", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=32, help="rows per trial")
-    ap.add_argument("--max-length", type=int, default=128, help="tokens per row (every row full)")
-    ap.add_argument("--iters", type=int, default=10, help="timed steps per arm (median reported)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--skip-unpacked", action="store_true", help="leave out the one-trial-at-a-time arm")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny BERT, short rows, few steps")
-    ap.add_argument("--profile", action="store_true",
-                    help="after timing, profile the eager arms (grouped, unpacked): device time per step by category "
-                         "(GEMM, attention, optimizer, copies/casts, other) and the top kernels")
-    ap.add_argument("--kernels", choices=("auto", "off"), default="auto",
-                    help="autopeft.kernels mode: off runs the rescalings (IA3, DoRA's magnitude) as PyTorch's "
-                         "broadcasting multiplies instead of the Triton `scale_rows` (auto in CUDA graphs); results "
-                         "go to packing_step_kernels_off-*.json")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args()
-    from autopeft import kernels
-
-    kernels.set_kernels(args.kernels)
-    if args.tiny:
-        device = pick_device("cpu")
-        args.batch_size, args.max_length = min(args.batch_size, 4), min(args.max_length, 16)
-        args.iters, args.warmup = min(args.iters, 3), min(args.warmup, 1)
-    else:
-        device = pick_device()
-
+def run_arms(args: argparse.Namespace, device: torch.device, arms: list[str]
+             ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]:
+    """Build the pack and time `arms` on it, in order (a grouped arm stacks the pack first): each arm's row, its
+    median ms per step, and the graphed arms' `GraphedStep` (key "step"). bench/packing.py runs the graphed arm
+    through this too, for its summary's step throughput."""
     base, state, trials = build(args, device)
     k, bs, length = args.pack_size, args.batch_size, args.max_length
     gen = torch.Generator().manual_seed(0)
@@ -199,12 +179,8 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     ms: dict[str, float] = {}
-    arms = ["loop", "unpacked", "grouped"] + (["grouped_graphed", "grouped_graphed_fp32_norms"]
-                                                if device.type == "cuda" else [])
     for arm in arms:
-        if arm == "unpacked" and args.skip_unpacked:
-            continue
-        if arm == "grouped":
+        if arm.startswith("grouped") and not state.stacks():
             stacked = state.stack()
             print(f"grouped: {stacked} of {len(state.sites)} packed sites stacked", flush=True)
         for t in trials:  # fresh AdamW state, laid out like the parameters as they are now (as in train_pack)
@@ -224,7 +200,7 @@ def main() -> None:
         if arm.startswith("grouped_graphed"):  # a replay runs no Python: the site calls counted are the capture's
             st = graphed["step"]
             row |= {"graph_captures": st.captures, "graph_replays": st.replays, "graph_failure": st.failure}
-        if args.profile and arm in ("grouped", "unpacked"):
+        if args.profile and arm in ("grouped", "grouped_graphed", "unpacked"):
             row["profile"] = profile_step(fn, cuda=device.type == "cuda")
             print(f"{arm:9s} {format_profile(row['profile'])}", flush=True)
         rows.append(row)
@@ -232,6 +208,45 @@ def main() -> None:
               f"{per_step[1]:.0f} per segment; losses finite: {finite})", flush=True)
     precision.FP32_NORMS = False
     state.release()
+    return rows, ms, graphed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pack-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per trial")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per row (every row full)")
+    ap.add_argument("--iters", type=int, default=10, help="timed steps per arm (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip-unpacked", action="store_true", help="leave out the one-trial-at-a-time arm")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny BERT, short rows, few steps")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile the grouped, grouped_graphed and unpacked arms: device time per "
+                         "step by category (GEMM, attention, optimizer, copies/casts, other) and the top kernels")
+    ap.add_argument("--specs", choices=("mixed", "floor"), default="mixed",
+                    help="mixed: bench/packing.py's SPECS; floor: trials with no adapter (only their heads train; the "
+                         "input gradient still runs down to the embeddings, as an adapter in layer 0 needs), the "
+                         "pack's frozen floor (results go to packing_step_floor-*.json)")
+    ap.add_argument("--kernels", choices=("auto", "off"), default="auto",
+                    help="autopeft.kernels mode: off runs the rescalings (IA3, DoRA's magnitude) as PyTorch's "
+                         "broadcasting multiplies instead of the Triton `scale_rows` (auto in CUDA graphs); results "
+                         "go to packing_step_kernels_off-*.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    from autopeft import kernels
+
+    kernels.set_kernels(args.kernels)
+    if args.tiny:
+        device = pick_device("cpu")
+        args.batch_size, args.max_length = min(args.batch_size, 4), min(args.max_length, 16)
+        args.iters, args.warmup = min(args.iters, 3), min(args.warmup, 1)
+    else:
+        device = pick_device()
+
+    arms = ["loop"] + ([] if args.skip_unpacked else ["unpacked"]) + ["grouped"] + (
+        ["grouped_graphed", "grouped_graphed_fp32_norms"] if device.type == "cuda" else [])
+    rows, ms, graphed = run_arms(args, device, arms)
+    k, bs, length = args.pack_size, args.batch_size, args.max_length
 
     summary: dict[str, float] = {
         "step_ms_loop": ms["loop"],
@@ -260,7 +275,9 @@ def main() -> None:
         if "profile" in row:
             summary |= {f"profile_{row['arm']}_{c}": v for c, v in row["profile"].items() if c.endswith("_ms")}
     what = "tiny BERT (smoke run: the numbers mean nothing)" if args.tiny else "random roberta-large-size BERT"
-    notes = (f"{what}; pack of {k} trials (bench/packing.py SPECS, cycled), {bs} rows x {length} tokens each, "
+    trials_are = "trials without adapters (--specs floor)" if args.specs == "floor" else \
+        "trials (bench/packing.py SPECS, cycled)"
+    notes = (f"{what}; pack of {k} {trials_are}, {bs} rows x {length} tokens each, "
              "bf16 autocast on CUDA; median ms of one training step (forward, backward, per-trial clip + AdamW) "
              f"over {args.iters} steps after {args.warmup} warm-up; unpacked = the K trials' own steps summed; "
              "grouped_graphed (CUDA only) = the grouped step's forward + backward as one CUDA graph (the first "
@@ -268,7 +285,8 @@ def main() -> None:
              "x tokens per step (every row full); LayerNorms keep bf16 under autocast (autopeft.precision), "
              "except in grouped_graphed_fp32_norms (autocast's fp32 LayerNorms, the trainer's before 2026-11-30); "
              f"autopeft.kernels mode {args.kernels}; {device_name(device)}")
-    name = "packing_step" + ("_kernels_off" if args.kernels == "off" else "") + ("_tiny" if args.tiny else "")
+    name = ("packing_step" + ("_floor" if args.specs == "floor" else "")
+            + ("_kernels_off" if args.kernels == "off" else "") + ("_tiny" if args.tiny else ""))
     write_results(name, rows, summary, out_dir=args.out,
                   notes=notes, device=device)
 

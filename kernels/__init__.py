@@ -53,7 +53,11 @@ AUTO_SCALE_ROWS: frozenset[str] = frozenset({"ia3_linear"})
 #: measure "auto" without it, side by side (bench/results/kernels_fold_all-h200-2026-11-30.json, graphed): IA3 at
 #: roberta-large size 15.98 against 17.07 ms (kernels_ia3_fold_all-), LoRA r8 on all linears 20.46 against
 #: 23.27 ms, at Llama-1.1B size 132.3 against 141.9 ms
-AUTO_FOLD: dict[str, str] = {"ia3_linear": "ia3_fold", "lora_linear": "lora_fold", "lora_linear_multi": "lora_fold"}
+#: `grouped_lora_linear` is a pack's linear site (not dispatched here: `autopeft.packing` asks `folds` and keeps the
+#: unfolded path itself): graphed, a pack of 8 at roberta-large size stepped in 142.9 against 170.4 ms unfolded in
+#: one call, 124.2 ms with the Triton folds since (bench/results/packing_step_nofold-, packing-h200-2026-11-30.json)
+AUTO_FOLD: dict[str, str] = {"ia3_linear": "ia3_fold", "lora_linear": "lora_fold", "lora_linear_multi": "lora_fold",
+                             "grouped_lora_linear": "grouped_fold"}
 #: the ops `accumulate` implements: the reference's GEMMs with their own backward (LoRA: each input gradient
 #: summed in the frozen GEMM's epilogue; the bottleneck adapter: ReLU in the GEMM epilogue, bias gradients as
 #: GEMMs). Mode "accumulate" runs them so (any device, eager or not); "auto" runs the ones in AUTO_ACCUMULATE so
@@ -126,6 +130,13 @@ def _use_fold(x: torch.Tensor, name: str) -> bool:
     return _auto_graphed(x, name, AUTO_FOLD) and triton_available()
 
 
+def folds(x: torch.Tensor, name: str) -> bool:
+    """Whether "auto" folds `name` for `x` here (in AUTO_FOLD, a graphed step on CUDA). For callers that keep the
+    unfolded path themselves rather than through `_dispatch`: a pack's grouped linear (`grouped_fold`), whose
+    unfolded path is `autopeft.packing.PackedLinear._grouped`."""
+    return _use_fold(x, name)
+
+
 def _use_accumulate(x: torch.Tensor, name: str) -> bool:
     if _mode == "accumulate":
         return name in ACCUMULATE_OPS
@@ -165,5 +176,5 @@ bottleneck_adapter = _dispatch("bottleneck_adapter")
 ia3_linear = _dispatch("ia3_linear")
 scale_rows = _dispatch("scale_rows")
 
-__all__ = ["MODES", "accumulate", "bottleneck_adapter", "dora_linear", "graphed", "ia3_linear", "kernels_mode",
+__all__ = ["MODES", "accumulate", "bottleneck_adapter", "dora_linear", "folds", "graphed", "ia3_linear", "kernels_mode",
            "lora_linear", "lora_linear_multi", "reference", "scale_rows", "set_kernels", "triton_available"]

@@ -89,6 +89,30 @@ def _fold_weights(W0, W1, W2, A0, A1, A2, B0, B1, B2, WO0, WO1, WO2, BT0, BT1, B
         _fold_tile(W2, A2, B2, WO2, BT2, N2, K, R2, S2, RP, BN, BK, TC, WRITE_BT)
 
 
+@triton.jit
+def _fold_stack(W, A, B, WO, N, K, R, s, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
+    """One fold of the shared W per program along the grid's third axis: a pack's trials at one site."""
+    k = tl.program_id(2).to(tl.int64)
+    _fold_tile(W, A + k * R * K, B + k * N * R, WO + k * N * K, WO, N, K, R, s, RP, BN, BK, TC, False)
+
+
+def fold_stack(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
+               tiles: tuple[int, int, int] = FOLD_TILES) -> torch.Tensor:
+    """W + scaling * B_k @ A_k for every k, [S, N, K] in `dtype`, one launch: w [N, K] shared, A [S, r, K],
+    B [S, N, r]. For `grouped_fold`, where `torch.baddbmm` from the broadcast W first copies W into each of the S
+    outputs and then reads them back (7.8 ms of a pack's step, bench/results/packing_step_fold_torch-; 2.1 ms so)."""
+    stacks, n, k = A.shape[0], w.shape[0], w.shape[1]
+    bn, bk, warps = tiles
+    tc = (FOLD_TENSOR_CORES and A.dtype == B.dtype and A.dtype in (torch.bfloat16, torch.float16)
+          and not INTERPRET)
+    out = torch.empty(stacks, n, k, dtype=dtype, device=w.device)
+    rank = A.shape[1]
+    _fold_stack[(triton.cdiv(n, bn), triton.cdiv(k, bk), stacks)](
+        w.contiguous(), A.contiguous(), B.contiguous(), out, n, k, rank, float(scaling),
+        RP=max(16, triton.next_power_of_2(rank)), BN=bn, BK=bk, TC=tc, num_warps=warps)
+    return out
+
+
 def fold_weights(ws: Sequence[torch.Tensor], As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
                  scalings: Sequence[float], dtype: torch.dtype, *, tiles: tuple[int, int, int] = FOLD_TILES,
                  tensor_cores: bool | None = None, transposed_Bs: list[torch.Tensor] | None = None

@@ -7,6 +7,8 @@ here so bf16 activations never get silently promoted to fp32 GEMMs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -140,3 +142,23 @@ def scale_rows(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None 
     c = _chunk_rows(shift, idx)
     return torch.addcmul(c, y, s) if c.dtype == y.dtype else y * s + c
 
+
+def grouped_lora_linear(x3: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                        Bt: torch.Tensor, alpha: float, scale_out: torch.Tensor | None = None,
+                        shift: torch.Tensor | None = None, scale_in: torch.Tensor | None = None, *,
+                        before: Sequence[bool] | None = None, out_slots: Sequence[int] = (),
+                        in_slots: Sequence[int] = (), lora_slots: Sequence[int] | None = None) -> torch.Tensor:
+    """A pack's linear site, chunk k of rows being trial k's: ((x_k * si_k) W^T + s (x_k * si_k) A_k^T B_k
+    [+ b or b_k where before[k]]) * so_k + c_k, the rescalings only for the trials in `in_slots` / `out_slots`;
+    Bt [K, r, out] is B transposed; `lora_slots` changes nothing here (the other trials' A and B are zeros).
+    Term by term per chunk: what `grouped_fold` computes folded."""
+    outs = []
+    for k in range(x3.shape[0]):
+        xk = x3[k] * scale_in[k] if k in in_slots else x3[k]
+        y = xk @ w.t() + alpha * (xk @ A[k].t()) @ Bt[k]
+        if bias is not None and (before is None or before[k]):
+            y = y + (bias if bias.dim() == 1 else bias[k])
+        if k in out_slots:
+            y = y * scale_out[k] + (shift[k] if shift is not None else 0)
+        outs.append(y)
+    return torch.stack(outs)

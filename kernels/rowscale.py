@@ -138,3 +138,27 @@ def ia3_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale_o
     if scale_out is None:
         return y
     return scale_rows(y.reshape(1, -1, y.shape[-1]), casts.cast(scale_out, y.dtype).view(1, -1)).view(y.shape)
+
+
+def scale_chunk(out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    """out = y * scale + shift for one chunk of rows (y, out [T, F], contiguous, out may be y; vectors [F]), one
+    pass: for callers that rescale some chunks of a pack and not the others (`grouped_fold`)."""
+    rows, feats = y.shape
+    n_t = triton.cdiv(rows, BLOCK_T)
+    _forward[(n_t, triton.cdiv(feats, BLOCK_F))](y, scale, shift if shift is not None else scale, scale, out, rows,
+                                                 feats, n_t, HAS_SHIFT=shift is not None, HAS_IDX=False,
+                                                 BT=BLOCK_T, BF=BLOCK_F)
+
+
+def chunk_sums(g: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(sum over rows of g * y, sum over rows of g), fp32 [F], for one chunk g, y [T, F]: the gradients of a row
+    scale and shift, in one pass with fp32 products (a PyTorch product and sum would be a cast, a multiply
+    and a reduction, each a pass)."""
+    rows, feats = g.shape
+    n_t = triton.cdiv(rows, BLOCK_T)
+    ps = torch.empty(n_t, feats, dtype=torch.float32, device=g.device) if y is not None else None
+    pc = torch.empty(n_t, feats, dtype=torch.float32, device=g.device)
+    _backward[(n_t, triton.cdiv(feats, BLOCK_F))](g, y if y is not None else g, g, g, g, ps if ps is not None else pc,
+                                                  pc, rows, feats, n_t, NEED_Y=False, NEED_S=y is not None,
+                                                  NEED_C=True, HAS_IDX=False, BT=BLOCK_T, BF=BLOCK_F)
+    return (ps.sum(0) if ps is not None else None), pc.sum(0)
