@@ -191,13 +191,16 @@ def grouped_lora_linear(x3: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | 
     `w` must be frozen (its gradient is not made)."""
     if w.requires_grad:
         raise ValueError("grouped_lora_linear folds into a frozen weight; this one requires grad")
-    if bias is not None and bias.dtype != x3.dtype:
-        bias = bias.to(x3.dtype)
     if scale_out is None and out_slots:
         raise ValueError("out_slots given without scale_out")
     if scale_in is None and in_slots:
         raise ValueError("in_slots given without scale_in")
-    with torch.autocast(x3.device.type, enabled=False):  # every operand is already in the compute dtype
+    # every operand in x3's dtype (differentiable casts, no-ops for a pack's, which come cast), and x3 contiguous:
+    # the Triton helpers address rows as row * width
+    bias, A, Bt, scale_out, shift, scale_in = (None if t is None else t.to(x3.dtype)
+                                               for t in (bias, A, Bt, scale_out, shift, scale_in))
+    x3 = x3.contiguous()
+    with torch.autocast(x3.device.type, enabled=False):
         return _GroupedFold.apply(x3, w.to(x3.dtype), bias, A, Bt, scale_out, shift, scale_in, float(alpha),
                                   None if before is None else tuple(bool(b) for b in before),
                                   tuple(out_slots), tuple(in_slots),

@@ -271,6 +271,10 @@ def _linear_slots(mix: str, base: torch.nn.Linear) -> list[torch.nn.Module]:
         # every term at one site: LoRA of four ranks and two scalings, DoRA of two scalings (one with a bias
         # of its own), IA3 on either side with and without LoRA, rank-0 slots, a plain BitFit bias, nothing;
         # "lora_bias" has one scaling (the GEMM's alpha), the others one per trial
+        # a frozen linear without a bias (as a bf16 backbone's folds DoRA too: no fp32 bias to promote), every
+        # rescaling: IA3 on either side with LoRA, DoRA with IA3 in one trial, IA3 alone, nothing
+        "no_bias": lambda: [peft("q", rank=2, alpha=4.0, ia3=True), peft("v", rank=3, alpha=3.0, dora=True, ia3=True),
+                            peft("ffn_out", rank=1, alpha=2.0, ia3=True), peft("o", ia3=True), base],
         "mixed": lambda: [peft("q", rank=2, alpha=4.0, ia3=True), peft("q", True, rank=3, alpha=3.0, dora=True),
                           peft("o", ia3=True), _frozen_linear(base, True), base,
                           peft("v", rank=4, alpha=8.0, dora=True), peft("ffn_out", rank=1, alpha=2.0, ia3=True)],
@@ -285,7 +289,7 @@ def _linear_slots(mix: str, base: torch.nn.Linear) -> list[torch.nn.Module]:
 def packed_site(mix: str) -> tuple[list[torch.nn.Module], PackState, PackedLinear]:
     """One packed linear site over `_linear_slots(mix)`: its trials' modules, its PackState, the site."""
     torch.manual_seed(0)
-    base = torch.nn.Linear(8, 6)
+    base = torch.nn.Linear(8, 6, bias=mix != "no_bias")
     for p in base.parameters():
         p.requires_grad_(False)
     slots = _linear_slots(mix, base)
@@ -304,7 +308,7 @@ def _layout(name: str, slots: int) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize(("layout", "path"), [("identity", "grouped"), ("gather", "grouped"), ("unequal", "grouped"),
                                              ("identity", "loop"), ("gather", "loop"), ("unequal", "loop"),
                                              ("identity", "folded"), ("gather", "folded")])
-@pytest.mark.parametrize("mix", ["all", "lora_bias", "mixed"])
+@pytest.mark.parametrize("mix", ["all", "lora_bias", "mixed", "no_bias"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_packed_linear_segments_are_each_trials_own_layer(mix: str, autocast: bool, path: str, layout: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autopeft.kernels import grouped_fold, lora_fold
-from tests.kernels.compare import act, check_op, frozen
+from autopeft.kernels import grouped_fold, lora_fold, reference
+from tests.kernels.compare import act, check_op, frozen, rel_err
 
 K, T, IN, OUT, R = 4, 37, 40, 48, 5
 CASES = {
@@ -59,3 +59,27 @@ def test_a_trained_weight_is_refused() -> None:
     w = torch.randn(4, 3, requires_grad=True)
     with pytest.raises(ValueError, match="frozen"):
         grouped_fold.grouped_lora_linear(torch.randn(2, 5, 3), w, None, torch.randn(2, 1, 3), torch.randn(2, 1, 4), 1.0)
+
+
+def test_strided_input_and_wider_vectors(seed: int) -> None:
+    """A chunked input that is a slice of a wider tensor (the Triton rescalings address rows as row x width) and
+    fp32 scales with bf16 activations are taken as the reference takes them."""
+    x = torch.randn(K, T, IN + 8)[..., :IN].requires_grad_(True)  # a strided view: rows IN + 8 apart
+    assert not x.is_contiguous()
+    w = torch.randn(OUT, IN) * IN ** -0.5
+    A, Bt = torch.randn(K, R, IN, requires_grad=True), torch.randn(K, R, OUT, requires_grad=True)
+    si = (1 + 0.3 * torch.randn(K, IN)).requires_grad_(True)
+    so = (1 + 0.3 * torch.randn(K, OUT)).requires_grad_(True)
+    kw = {"out_slots": (0, 2), "in_slots": (1, 2)}
+    got = grouped_fold.grouped_lora_linear(x, w, None, A, Bt, 1.5, so, None, si, **kw)
+    ins = [x, A, Bt, so, si]
+    grads = torch.autograd.grad(got.square().sum(), ins)
+    ref = reference.grouped_lora_linear(x, w, None, A, Bt, 1.5, so, None, si, **kw)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ins)
+    assert rel_err(got, ref) <= 1e-5, seed
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 1e-5, seed
+    xb = x.detach().to(torch.bfloat16)
+    mixed = grouped_fold.grouped_lora_linear(xb, w.to(torch.bfloat16), None, A, Bt, 1.5, so, None, si, **kw)
+    assert mixed.dtype == torch.bfloat16
+    assert rel_err(mixed, ref) <= 2e-2, seed
