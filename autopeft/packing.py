@@ -535,15 +535,7 @@ class PackedLinear(nn.Module):
             Bt = st["Bt"].leaf if self._alpha is not None else st["Bt"].leaf * self._scalings
             xa = _chunk_bmm(None, x3, st["A"].leaf, idx, transpose=True)
             y = _chunk_bmm(y, xa, Bt, idx, 1.0 if self._alpha is None else self._alpha, in_place=True)
-        scale = shift = None
-        if "magnitude" in st:
-            scale = self._dora_scale(x_dtype).to(y.dtype)
-            if bias is not None:
-                shift = bias * self._after.to(bias.dtype)
-        if "ia3_out" in st:
-            ia3 = st["ia3_out"].leaf.to(y.dtype)
-            scale = ia3 if scale is None else scale * ia3
-            shift = None if shift is None else shift * ia3.to(shift.dtype)
+        scale, shift = self._rescaling(x_dtype, y.dtype, bias)
         if scale is not None:  # an fp32 bias promotes the output, as the loop's `y + b` does
             y = kernels.scale_rows(y, scale, shift, idx)
         y = y.view(*shape[:-1], y.shape[-1])
@@ -566,25 +558,32 @@ class PackedLinear(nn.Module):
         if any(torch.promote_types(dt, d) != dt for k, d in self._promotes.items() if k in present):
             return None
         Bt = st["Bt"].leaf if self._alpha is not None else st["Bt"].leaf * self._scalings
-        bias = shift = scale = None
-        if "bias" in st:
-            bias = st["bias"].leaf.to(dt)
-        elif not self.own_bias and self.base_layer.bias is not None:
-            bias = _cast(self.base_layer.bias, x3)
-        if "magnitude" in st:
-            scale = self._dora_scale(x_dtype).to(dt)
-            if bias is not None and "bias" in st:
-                shift = bias * self._after.to(dt)
-        if "ia3_out" in st:
-            ia3 = st["ia3_out"].leaf.to(dt)
-            scale = ia3 if scale is None else scale * ia3
-            shift = None if shift is None else shift * ia3
-        scale_in = st["ia3_in"].leaf.to(dt) if "ia3_in" in st else None
-        return grouped_fold.grouped_lora_linear(
-            x3, _cast(self.base_layer.weight, x3), bias, st["A"].leaf.to(dt), Bt.to(dt),
+        own = st["bias"].leaf.to(dt) if "bias" in st else None
+        bias = own if own is not None or self.own_bias else _cast(self.base_layer.bias, x3)
+        scale, shift = self._rescaling(x_dtype, dt, own)
+        scale_in = st["ia3_in"].leaf if "ia3_in" in st else None
+        return grouped_fold.grouped_lora_linear(  # which casts the stacks to x3's dtype
+            x3, self.base_layer.weight, bias, st["A"].leaf, Bt,
             1.0 if self._alpha is None else self._alpha, scale, shift, scale_in,
             before=self._bias_before if "bias" in st else None, out_slots=self._out_slots, in_slots=self._in_slots,
             lora_slots=self._lora_slots)
+
+    def _rescaling(self, x_dtype: torch.dtype, dtype: torch.dtype, bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The per-trial rescaling of the output, [K, out] in `dtype` (DoRA's magnitude over its row norms, times
+        IA3's output vector), and the shift after it: a DoRA trial's own `bias`, which comes after its rescaling
+        (times IA3's vector). None where no trial has one; the others' rows hold the identity."""
+        st = self._stacks
+        scale = shift = None
+        if "magnitude" in st:
+            scale = self._dora_scale(x_dtype).to(dtype)
+            if bias is not None:
+                shift = bias * self._after.to(bias.dtype)
+        if "ia3_out" in st:
+            ia3 = st["ia3_out"].leaf.to(dtype)
+            scale = ia3 if scale is None else scale * ia3
+            shift = None if shift is None else shift * ia3.to(shift.dtype)
+        return scale, shift
 
     def _dora_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """[K, out] in the input's `dtype`: m / ||W + s B A||_row (detached) for the DoRA trials, as

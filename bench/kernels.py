@@ -53,10 +53,14 @@ from typing import Any
 
 import torch
 
-# This file's own folder must not be on sys.path: transformers probes for the hub package `kernels`, and
-# would import this very script under that name. `common` is loaded from its path instead.
+# Run as the script, this file's own folder must not be on sys.path: transformers probes for the hub package
+# `kernels`, and would import this very script under that name. `common` is loaded from its path instead.
+# Imported (by that probe, when another bench script has put this folder on sys.path, or by a test), it leaves
+# sys.path alone: taking the folder away there broke the importer's own later imports (bench/packing.py's
+# `packing_step` on the GPU machine, tests/test_bench_packing.py after a test that loads a model).
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if __name__ == "__main__":
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 _spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.py")
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)

@@ -402,14 +402,9 @@ def _row(r: TrialResult | TrialFailed) -> dict[str, Any]:
 def step_throughput(pack_size: int, device: Any) -> dict[str, float]:
     """The issue's aggregate throughput: bench/packing_step.py's graphed arm (a pack of `pack_size` of SPECS, each
     32 rows x 128 tokens, every row full, on a random roberta-large-size BERT), tokens per second."""
-    import importlib.util
+    import packing_step
 
-    # by its path: imported by name from inside a run on the GPU machine, it was not found (sys.path had changed)
-    spec = importlib.util.spec_from_file_location("packing_step", Path(__file__).resolve().parent / "packing_step.py")
-    packing_step = sys.modules["packing_step"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(packing_step)
-    ns = argparse.Namespace(pack_size=pack_size, batch_size=32, max_length=128, iters=10, warmup=3, tiny=False,
-                            profile=False, specs="mixed")
+    ns = packing_step.parser().parse_args(["--pack-size", str(pack_size)])  # its defaults: 32 rows x 128 tokens
     _, ms, _ = packing_step.run_arms(ns, device, ["grouped_graphed"])
     import gc
 

@@ -211,7 +211,8 @@ def run_arms(args: argparse.Namespace, device: torch.device, arms: list[str]
     return rows, ms, graphed
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line, whose defaults bench/packing.py's step throughput runs with too."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pack-size", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32, help="rows per trial")
@@ -232,7 +233,11 @@ def main() -> None:
                          "broadcasting multiplies instead of the Triton `scale_rows` (auto in CUDA graphs); results "
                          "go to packing_step_kernels_off-*.json")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     from autopeft import kernels
 
     kernels.set_kernels(args.kernels)

@@ -44,7 +44,7 @@ class _GroupedFold(torch.autograd.Function):
         chunks, rows = x3.shape[:2]
         gpu = _triton(x3)
         if gpu:
-            from autopeft.kernels import lora_fold, rowscale
+            from autopeft.kernels import lora_fold
 
             folded = lora_fold.fold_stack(w, A, Bt.transpose(1, 2), alpha, x3.dtype)
         else:
@@ -62,20 +62,13 @@ class _GroupedFold(torch.autograd.Function):
                 torch.addmm(bk, x3[k], wk.t(), out=out)
             if k in out_slots:
                 kept.append(out)
-                if gpu:
-                    rowscale.scale_chunk(y[k], out, scale_out[k], None if shift is None else shift[k])
-                elif shift is None:
-                    torch.mul(out, scale_out[k], out=y[k])
-                else:
-                    torch.addcmul(shift[k], out, scale_out[k], out=y[k])
+                _rescale(y[k], out, scale_out[k], None if shift is None else shift[k], gpu)
         for k in out_slots:  # backward's weights: the input gradient of the rescaled output is g diag(so) W'
             folded[k].mul_(scale_out[k].unsqueeze(1))
         ctx.save_for_backward(x3, folded, A, Bt, scale_out, scale_in, *kept)
         ctx.alpha, ctx.before, ctx.out_slots, ctx.in_slots = alpha, before, out_slots, in_slots
         ctx.lora_slots = lora_slots
         ctx.shared_bias = bias is not None and bias.dim() == 1
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.scale_dtype = x3.dtype
         return y
 
     @staticmethod
@@ -86,8 +79,6 @@ class _GroupedFold(torch.autograd.Function):
         g = g.contiguous()
         f32 = torch.promote_types(x3.dtype, torch.float32)  # sums in fp32 at least
         gpu = _triton(x3)
-        if gpu:
-            from autopeft.kernels import rowscale
         so, si = _only(so, out_slots), _only(si, in_slots)  # identity for the others, whatever they held
         gx = gbias = gso = gshift = gsi = None
         if need_x or need_si:
@@ -95,22 +86,14 @@ class _GroupedFold(torch.autograd.Function):
             if need_si:
                 gsi = torch.zeros(si.shape, dtype=f32, device=si.device)
             for k in in_slots:
-                if gpu:
-                    if need_si:
-                        gsi[k] = rowscale.chunk_sums(gx[k], x3[k])[0]
-                    rowscale.scale_chunk(gx[k], gx[k], si[k])
-                    continue
                 if need_si:
-                    gsi[k] = (gx[k].to(f32) * x3[k].to(f32)).sum(0)
-                gx[k].mul_(si[k])
+                    gsi[k] = _sums(gx[k], x3[k], False, gpu)[0]
+                _rescale(gx[k], gx[k], si[k], None, gpu)
         if need_so or need_shift:
             gso = torch.zeros(so.shape, dtype=f32, device=so.device) if need_so else None
             gshift = torch.zeros(so.shape, dtype=f32, device=so.device) if need_shift else None
             for k, z in zip(out_slots, kept, strict=True):
-                if gpu:
-                    sums = rowscale.chunk_sums(g[k], z if need_so else None)
-                else:
-                    sums = ((g[k].to(f32) * z.to(f32)).sum(0) if need_so else None, g[k].sum(0, dtype=f32))
+                sums = _sums(g[k], z if need_so else None, need_shift, gpu)
                 if need_so:
                     gso[k] = sums[0]
                 if need_shift:
@@ -129,8 +112,9 @@ class _GroupedFold(torch.autograd.Function):
             gA = _skinny(g, Bt * so.unsqueeze(1) if out_slots else Bt, x3, runs, alpha, si if in_slots else None)
         if need_B:  # (x A'^T)^T g, A' = A diag(si); then the columns times so
             gBt = _skinny(x3, A * si.unsqueeze(1) if in_slots else A, g, runs, alpha, so if out_slots else None)
-        return (gx if need_x else None, None, _cast(gbias, ctx.bias_dtype), gA, gBt, _cast(gso, ctx.scale_dtype),
-                _cast(gshift, ctx.scale_dtype), _cast(gsi, ctx.scale_dtype), None, None, None, None, None)
+        # every input came in x3's dtype (`grouped_lora_linear` casts them)
+        gbias, gso, gshift, gsi = (None if t is None else t.to(x3.dtype) for t in (gbias, gso, gshift, gsi))
+        return (gx if need_x else None, None, gbias, gA, gBt, gso, gshift, gsi, None, None, None, None, None)
 
 
 def _skinny(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, runs: list[tuple[int, int]], alpha: float,
@@ -172,8 +156,28 @@ def _only(scale: torch.Tensor | None, slots: tuple[int, ...]) -> torch.Tensor | 
     return out
 
 
-def _cast(grad: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    return None if grad is None else grad.to(dtype)
+def _rescale(out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, gpu: bool) -> None:
+    """out = y * scale (+ shift) for one chunk [T, F]: `rowscale.scale_chunk` on a GPU, PyTorch's ops elsewhere."""
+    if gpu:
+        from autopeft.kernels import rowscale
+
+        rowscale.scale_chunk(out, y, scale, shift)
+    elif shift is None:
+        torch.mul(y, scale, out=out)
+    else:
+        torch.addcmul(shift, y, scale, out=out)
+
+
+def _sums(g: torch.Tensor, y: torch.Tensor | None, plain: bool, gpu: bool
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sum over rows of g * y where y is given, sum over rows of g where `plain`) for one chunk, in fp32 at least:
+    a scale's and a shift's gradients. `rowscale.chunk_sums` on a GPU, PyTorch's ops elsewhere."""
+    if gpu:
+        from autopeft.kernels import rowscale
+
+        return rowscale.chunk_sums(g, y, plain)
+    f32 = torch.promote_types(g.dtype, torch.float32)
+    return ((g.to(f32) * y.to(f32)).sum(0) if y is not None else None), (g.sum(0, dtype=f32) if plain else None)
 
 
 def grouped_lora_linear(x3: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,

@@ -150,15 +150,20 @@ def scale_chunk(out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: 
                                                  BT=BLOCK_T, BF=BLOCK_F)
 
 
-def chunk_sums(g: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(sum over rows of g * y, sum over rows of g), fp32 [F], for one chunk g, y [T, F]: the gradients of a row
-    scale and shift, in one pass with fp32 products (a PyTorch product and sum would be a cast, a multiply
-    and a reduction, each a pass)."""
+def chunk_sums(g: torch.Tensor, y: torch.Tensor | None, plain: bool = True
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sum over rows of g * y where y is given, sum over rows of g where `plain`), fp32 [F], for one chunk g, y
+    [T, F]: the gradients of a row scale and shift, in one pass with fp32 products (a PyTorch product and sum would
+    be a cast, a multiply and a reduction, each a pass)."""
     rows, feats = g.shape
     n_t = triton.cdiv(rows, BLOCK_T)
-    ps = torch.empty(n_t, feats, dtype=torch.float32, device=g.device) if y is not None else None
-    pc = torch.empty(n_t, feats, dtype=torch.float32, device=g.device)
-    _backward[(n_t, triton.cdiv(feats, BLOCK_F))](g, y if y is not None else g, g, g, g, ps if ps is not None else pc,
-                                                  pc, rows, feats, n_t, NEED_Y=False, NEED_S=y is not None,
-                                                  NEED_C=True, HAS_IDX=False, BT=BLOCK_T, BF=BLOCK_F)
-    return (ps.sum(0) if ps is not None else None), pc.sum(0)
+
+    def partials(wanted: bool) -> torch.Tensor | None:
+        return torch.empty(n_t, feats, dtype=torch.float32, device=g.device) if wanted else None
+
+    ps, pc = partials(y is not None), partials(plain)
+    _backward[(n_t, triton.cdiv(feats, BLOCK_F))](g, g if y is None else y, g, g, g, g if ps is None else ps,
+                                                  g if pc is None else pc, rows, feats, n_t, NEED_Y=False,
+                                                  NEED_S=y is not None, NEED_C=plain, HAS_IDX=False, BT=BLOCK_T,
+                                                  BF=BLOCK_F)
+    return (None if ps is None else ps.sum(0)), (None if pc is None else pc.sum(0))

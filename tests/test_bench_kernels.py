@@ -21,8 +21,8 @@ def test_unknown_arm_is_one_line_exit_2(flag: str, tmp_path: Path) -> None:
 
 
 def _load_kernels_bench(monkeypatch: pytest.MonkeyPatch):
-    """bench/kernels.py as a module. It takes its own folder off sys.path when imported (see its top), which
-    the other bench tests rely on: sys.path and sys.modules are restored after the test."""
+    """bench/kernels.py as a module (it takes its own folder off sys.path only when run as the script, see its
+    top); sys.path and sys.modules are restored after the test all the same."""
     import importlib.util
 
     monkeypatch.setattr(sys, "path", list(sys.path))
